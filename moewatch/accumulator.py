@@ -1,0 +1,156 @@
+"""Device-side counting: the only moewatch code on the training hot path.
+
+Legend: ``L`` routers (layers), ``E`` experts of a router (``Emax`` the largest), ``T`` tokens of one call,
+``K`` top-k. Buffers live on the device of the router outputs, are updated in place under ``no_grad`` and
+are never read by the host until a window closes:
+
+* ``counts_LE1`` int64 ``[L, Emax + 1]``: assignments per expert; column ``E`` of a row holds invalid ids.
+* ``stats_LS`` float64 ``[L, Emax + 3]``: columns ``[:E]`` sum of router probability vectors,
+  ``Emax`` sum of ``logsumexp(logits)^2`` (z-loss), ``Emax + 1`` finite token rows, ``Emax + 2`` dropped
+  assignments reported by the framework.
+
+Token counts come from tensor shapes, which the host knows without asking the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from moewatch.adapters.base import RouterOutput
+
+__all__ = ["Accumulator", "WindowCounts"]
+
+
+@dataclass(frozen=True)
+class WindowCounts:
+    """Host copy of one window's buffers (numpy), the input of :mod:`moewatch.window`."""
+
+    counts_LE1: np.ndarray  # int64 [L, Emax + 1]
+    stats_LS: np.ndarray  # float64 [L, Emax + 3]
+    tokens_L: np.ndarray  # int64 [L]
+    prob_tokens_L: np.ndarray  # int64 [L], tokens whose probabilities/logits were seen
+
+
+class _Buffers:
+    __slots__ = ("counts_LE1", "stats_LS", "one")
+
+    def __init__(self, n_layers: int, e_max: int, device: torch.device) -> None:
+        self.counts_LE1 = torch.zeros(n_layers, e_max + 1, dtype=torch.int64, device=device)
+        self.stats_LS = torch.zeros(n_layers, e_max + 3, dtype=torch.float64, device=device)
+        self.one = torch.ones((), dtype=torch.int64, device=device)
+
+    def zero_(self) -> None:
+        self.counts_LE1.zero_()
+        self.stats_LS.zero_()
+
+
+class Accumulator:
+    """Per-router counters, updated in place with no host synchronisation."""
+
+    def __init__(self, num_experts: list[int]) -> None:
+        self.num_experts = list(num_experts)
+        self.n_layers = len(num_experts)
+        self.e_max = max(num_experts)
+        self.col_z, self.col_finite, self.col_dropped = self.e_max, self.e_max + 1, self.e_max + 2
+        # Host-side token counts (from shapes). Preallocated; updated by index, never appended to.
+        self.tokens_L = [0] * self.n_layers
+        self.prob_tokens_L = [0] * self.n_layers
+        # One set of buffers per device that router outputs live on (several with pipeline/device_map).
+        self._bufs: dict[torch.device, _Buffers] = {}
+        self._last: tuple[torch.device, _Buffers] | None = None
+
+    def _buffers(self, device: torch.device) -> _Buffers:
+        last = self._last
+        if last is not None and last[0] == device:
+            return last[1]
+        bufs = self._bufs.get(device)
+        if bufs is None:
+            bufs = self._bufs[device] = _Buffers(self.n_layers, self.e_max, device)
+        self._last = (device, bufs)
+        return bufs
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(self._bufs)
+
+    def update(self, layer: int, out: RouterOutput, top_k: int) -> None:
+        """Add one router call. Must run under ``torch.no_grad()``."""
+        e = self.num_experts[layer]
+        if out.indices_TK is not None:
+            idx = out.indices_TK
+            bufs = self._buffers(idx.device)
+            n = idx.numel()
+            self.tokens_L[layer] += n // top_k
+            # Ids outside [0, E) land in column E: clamp to [-1, E], then -1 -> E by remainder.
+            ids = torch.remainder(idx.reshape(-1).long().clamp(-1, e), e + 1)
+            bufs.counts_LE1[layer].index_add_(0, ids, bufs.one.expand(n))
+        elif out.routing_map_TE is not None:
+            rmap = out.routing_map_TE.reshape(-1, e)
+            bufs = self._buffers(rmap.device)
+            self.tokens_L[layer] += rmap.shape[0]
+            bufs.counts_LE1[layer, :e].add_(rmap.sum(dim=0, dtype=torch.int64))
+        else:
+            raise ValueError("RouterOutput needs indices_TK or routing_map_TE")
+
+        row = bufs.stats_LS[layer]
+        if out.probs_TE is not None:
+            probs = out.probs_TE.detach().reshape(-1, e).float()
+            row[:e].add_(torch.nansum(probs, dim=0))
+            self.prob_tokens_L[layer] += probs.shape[0]
+            row[self.col_finite].add_(probs.shape[0])
+        elif out.logits_TE is not None:
+            logits = out.logits_TE.detach().reshape(-1, e).float()
+            if out.score_func == "sigmoid":
+                scores = torch.sigmoid(logits)
+                probs = scores / scores.sum(dim=-1, keepdim=True)
+            else:
+                probs = torch.softmax(logits, dim=-1)
+            row[:e].add_(torch.nansum(probs, dim=0))  # NaN rows (non-finite logits) add nothing
+            lse_T = torch.logsumexp(logits, dim=-1)
+            finite_T = torch.isfinite(lse_T)
+            lse_T = torch.where(finite_T, lse_T, 0.0)
+            row[self.col_z].add_(torch.dot(lse_T, lse_T))
+            row[self.col_finite].add_(finite_T.sum())
+            self.prob_tokens_L[layer] += logits.shape[0]
+        if out.dropped is not None:
+            row[self.col_dropped].add_(out.dropped)
+
+    def pack(self) -> torch.Tensor | None:
+        """Everything of the window in one float64 tensor ``[L, Emax + 1 + Emax + 3]`` on the first device
+        (device-side, no sync), and zero the buffers. ``None`` if nothing was ever counted."""
+        if not self._bufs:
+            return None
+        parts = []
+        for bufs in self._bufs.values():
+            parts.append(torch.cat([bufs.counts_LE1.double(), bufs.stats_LS], dim=1))
+        packed = parts[0]  # torch.cat made a fresh tensor: zeroing the buffers below leaves it intact
+        for extra in parts[1:]:
+            packed.add_(extra.to(packed.device, non_blocking=True))
+        for bufs in self._bufs.values():
+            bufs.zero_()
+        return packed
+
+    def take_host_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        tokens = np.asarray(self.tokens_L, dtype=np.int64)
+        prob_tokens = np.asarray(self.prob_tokens_L, dtype=np.int64)
+        for i in range(self.n_layers):
+            self.tokens_L[i] = 0
+            self.prob_tokens_L[i] = 0
+        return tokens, prob_tokens
+
+    def unpack(self, packed_host: np.ndarray, tokens_L: np.ndarray, prob_tokens_L: np.ndarray) -> WindowCounts:
+        c = self.e_max + 1
+        return WindowCounts(
+            counts_LE1=np.rint(packed_host[:, :c]).astype(np.int64),
+            stats_LS=packed_host[:, c:].astype(np.float64),
+            tokens_L=tokens_L,
+            prob_tokens_L=prob_tokens_L,
+        )
+
+    def empty_counts(self) -> WindowCounts:
+        width = (self.e_max + 1) + (self.e_max + 3)
+        tokens, prob_tokens = self.take_host_counts()
+        return self.unpack(np.zeros((self.n_layers, width)), tokens, prob_tokens)

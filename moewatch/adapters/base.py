@@ -1,0 +1,79 @@
+"""What an adapter hands to the accumulator, and what discovery found.
+
+Shape legend: ``T`` tokens in one forward call, ``E`` experts, ``K`` experts chosen per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["RouterInfo", "RouterOutput", "RouterSpec", "ScoreFunc", "find_int_attr"]
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterOutput:
+    """One router call, as moewatch reads it. Give ``indices_TK`` or ``routing_map_TE``; optionally
+    ``logits_TE`` (probabilities are derived with ``score_func``) or ready ``probs_TE``."""
+
+    indices_TK: torch.Tensor | None = None
+    routing_map_TE: torch.Tensor | None = None
+    logits_TE: torch.Tensor | None = None
+    probs_TE: torch.Tensor | None = None
+    score_func: ScoreFunc = "softmax"
+    #: Assignments the framework dropped for capacity (a 0-dim tensor), when it reports them.
+    dropped: torch.Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouterInfo:
+    """A router moewatch found: ``Monitor.routers`` lists these in layer order."""
+
+    index: int
+    module: str
+    family: str
+    num_experts: int
+    top_k: int
+    score_func: ScoreFunc = "softmax"
+
+
+Extract = Callable[[nn.Module, tuple[Any, ...], Any], RouterOutput]
+
+
+@dataclass(slots=True)
+class RouterSpec:
+    """Internal: how to hook one router. ``hook_module`` may be a child of the router (DeepSpeed's ``wg``)."""
+
+    name: str
+    module: nn.Module
+    hook_module: nn.Module
+    family: str
+    num_experts: int
+    top_k: int
+    extract: Extract
+    score_func: ScoreFunc = "softmax"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def info(self, index: int) -> RouterInfo:
+        return RouterInfo(index, self.name, self.family, self.num_experts, self.top_k, self.score_func)
+
+
+def find_int_attr(objs: list[Any], names: tuple[str, ...]) -> int | None:
+    """First positive int found under any of ``names`` on any of ``objs`` (or their ``config``/``args``)."""
+    for obj in objs:
+        if obj is None:
+            continue
+        for holder in (obj, getattr(obj, "config", None), getattr(obj, "args", None)):
+            if holder is None or isinstance(holder, torch.Tensor):
+                continue
+            for n in names:
+                v = getattr(holder, n, None)
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    return v
+    return None

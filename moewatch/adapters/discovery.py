@@ -1,0 +1,123 @@
+"""Find every router in a model."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any
+
+from torch import nn
+
+from moewatch.adapters.base import RouterOutput, RouterSpec, find_int_attr
+from moewatch.adapters.families import _E_NAMES, _K_NAMES, MATCHERS, linear_gate_spec
+
+__all__ = ["NoRouterFoundError", "discover_routers"]
+
+log = logging.getLogger(__name__)
+
+_LOOKED_FOR = (
+    "transformers *TopKRouter/*Router modules (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama4, DBRX, "
+    "Switch, ...), Megatron-Core TopKRouter, DeepSpeed TopKGate, torchtitan TokenChoiceTopKRouter, "
+    "MegaBlocks LearnedRouter, and nn.Linear gates named gate/router/wg beside an `experts` module"
+)
+
+
+class NoRouterFoundError(ValueError):
+    """The model holds nothing moewatch recognises as a router."""
+
+
+def _parents(model: nn.Module) -> dict[str, nn.Module | None]:
+    parents: dict[str, nn.Module | None] = {"": None}
+    for name, module in model.named_modules():
+        for child_name, _ in module.named_children():
+            parents[f"{name}.{child_name}" if name else child_name] = module
+    return parents
+
+
+def _selected(name: str, module: nn.Module, routers: Any) -> bool:
+    if callable(routers):
+        return bool(routers(name, module))
+    return any(fnmatch.fnmatchcase(name, pat) for pat in routers)
+
+
+def _custom_spec(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec:
+    extractor = cfg.extractor
+    e = cfg.num_experts or find_int_attr([module, parent], _E_NAMES)
+    if e is None and isinstance(module, nn.Linear):
+        e = module.out_features
+    k = cfg.top_k or find_int_attr([module, parent], _K_NAMES) or 1
+    if e is None:
+        raise ValueError(
+            f"moewatch: router {name!r} ({type(module).__name__}) uses a custom extractor but exposes no "
+            "expert count; pass num_experts=E to attach()"
+        )
+
+    def read(mod: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        result = extractor(mod, args, out)
+        if not isinstance(result, RouterOutput):
+            raise TypeError(f"extractor for {name!r} returned {type(result).__name__}, not moewatch.RouterOutput")
+        return result
+
+    return RouterSpec(name, module, module, "custom", int(e), int(k), read)
+
+
+def _match(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    for matcher in MATCHERS:
+        spec = matcher(name, module, parent, cfg)
+        if spec is not None:
+            return spec
+    return None
+
+
+def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
+    """Routers in module order. With ``cfg.routers`` only the named modules are considered, and each of
+    them must be readable (by a known family, ``cfg.extractor``, or as a Linear gate with ``cfg.top_k``)."""
+    parents = _parents(model)
+    specs: list[RouterSpec] = []
+    claimed: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(c + ".") for c in claimed):
+            continue
+        parent = parents.get(name)
+        if cfg.routers is not None:
+            if not _selected(name, module, cfg.routers):
+                continue
+            if cfg.extractor is not None:
+                spec = _custom_spec(name, module, parent, cfg)
+            else:
+                spec = _match(name, module, parent, cfg)
+                if spec is None and isinstance(module, nn.Linear):
+                    k = cfg.top_k or find_int_attr([parent], _K_NAMES)
+                    if k is None:
+                        raise ValueError(
+                            f"moewatch: {name!r} is a plain nn.Linear gate; tell moewatch its k with "
+                            "attach(..., top_k=K)"
+                        )
+                    spec = linear_gate_spec(name, module, k)
+                if spec is None:
+                    raise ValueError(
+                        f"moewatch: {name!r} ({type(module).__name__}) was named in `routers` but is not a "
+                        "router family moewatch can read; pass extractor=fn(module, inputs, output) -> "
+                        "moewatch.RouterOutput"
+                    )
+        else:
+            spec = _match(name, module, parent, cfg)
+            if spec is None:
+                continue
+        if spec.top_k > spec.num_experts:
+            raise ValueError(f"moewatch: router {name!r} has top_k={spec.top_k} > num_experts={spec.num_experts}")
+        specs.append(spec)
+        claimed.append(name)
+    if not specs:
+        where = (
+            f"no module matched routers={cfg.routers!r}"
+            if cfg.routers is not None
+            else f"moewatch looked for {_LOOKED_FOR}"
+        )
+        raise NoRouterFoundError(
+            f"moewatch found no MoE router in {type(model).__name__}: {where}. Point moewatch at your router "
+            "with attach(model, routers=['layers.*.moe.gate'], top_k=2) for nn.Linear gates, or add "
+            "extractor=fn(module, inputs, output) -> moewatch.RouterOutput for anything else."
+        )
+    log.debug("moewatch found %d routers: %s", len(specs), [s.name for s in specs])
+    return specs

@@ -1,0 +1,240 @@
+"""Router families, recognised by structure (attributes, children, weight shapes) and read by output.
+
+Each ``match_*`` returns a :class:`RouterSpec` or ``None``; each ``_read_*`` turns one call's output
+into a :class:`RouterOutput` using tensor metadata only (no host synchronisation).
+
+Legend: ``T`` tokens, ``E`` experts, ``K`` top-k.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from moewatch.adapters.base import RouterOutput, RouterSpec, ScoreFunc, find_int_attr
+
+__all__ = ["MATCHERS", "match_linear_gate", "linear_gate_spec"]
+
+_E_NAMES = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts", "num_moe_experts")
+_K_NAMES = ("top_k", "num_experts_per_tok", "moe_top_k", "moe_router_topk", "k", "topk", "experts_per_token")
+_SCORE_ATTRS = ("score_func", "scoring_func", "moe_router_score_function", "router_score_function")
+_ROUTER_NAME = re.compile(r"router|gate|gating", re.IGNORECASE)
+
+
+def _score_func(*objs: Any) -> ScoreFunc:
+    for obj in objs:
+        if obj is None:
+            continue
+        if hasattr(obj, "e_score_correction_bias"):  # DeepSeek-V3 / GLM4-MoE: sigmoid scores + bias
+            return "sigmoid"
+        for holder in (obj, getattr(obj, "config", None)):
+            for attr in _SCORE_ATTRS:
+                v = getattr(holder, attr, None)
+                if isinstance(v, str) and v.lower() == "sigmoid":
+                    return "sigmoid"
+    return "softmax"
+
+
+def _router_weight_experts(module: nn.Module) -> int | None:
+    """E from a [E, H] routing weight held directly (``weight``) by the module, if any."""
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 2:
+        return int(w.shape[0])
+    return None
+
+
+def _topk_indices(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.topk(logits_TE.detach(), k, dim=-1, sorted=False).indices
+
+
+# --- Hugging Face transformers 5.x -------------------------------------------------------------
+
+
+def _read_hf(spec: RouterSpec):
+    k, sf = spec.top_k, spec.score_func
+
+    def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        if isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point():
+            # (router_logits_TE, top_scores_TK, top_indices_TK): Mixtral, Qwen*-MoE, OLMoE, DeepSeek-V3, ...
+            return RouterOutput(indices_TK=out[2], logits_TE=out[0], score_func=sf)
+        if isinstance(out, tuple) and len(out) == 2:
+            # Llama4: (router_scores_TE, router_logits_TE), sigmoid of the top-k logits.
+            logits = out[1]
+            return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func="sigmoid")
+        raise TypeError(
+            f"unrecognised output of {type(module).__name__}: expected (logits, scores, indices) or "
+            f"(scores, logits), got {type(out).__name__}"
+        )
+
+    return read
+
+
+def match_hf_topk(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    cls = type(module).__name__
+    if not _ROUTER_NAME.search(cls):
+        return None
+    e = find_int_attr([module], _E_NAMES[:2])
+    k = find_int_attr([module], ("top_k", "num_experts_per_tok"))
+    w_e = _router_weight_experts(module)
+    if e is None or k is None or w_e != e or e < 2:
+        return None
+    spec = RouterSpec(name, module, module, "transformers", e, k, _noop, score_func=_score_func(module))
+    spec.extract = _read_hf(spec)
+    return spec
+
+
+def _read_switch(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+    # (expert_index one-hot after capacity, max prob, router_logits): count the router's choice (argmax),
+    # and what capacity dropped from the one-hot mask.
+    onehot, _, logits = out
+    indices = logits.detach().argmax(dim=-1, keepdim=True)
+    dropped = indices.numel() - onehot.sum()
+    return RouterOutput(indices_TK=indices, logits_TE=logits, dropped=dropped)
+
+
+def match_switch(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    clf = getattr(module, "classifier", None)
+    if not (_ROUTER_NAME.search(type(module).__name__) and isinstance(clf, nn.Linear)):
+        return None
+    if not hasattr(module, "expert_capacity"):
+        return None
+    return RouterSpec(name, module, module, "switch", clf.out_features, 1, _read_switch)
+
+
+def _read_logits_only(spec: RouterSpec):
+    k, sf = spec.top_k, spec.score_func
+
+    def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        logits = out[0] if isinstance(out, tuple) else out
+        return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func=sf)
+
+    return read
+
+
+def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    """DBRX-style: a ``*Router`` module holding one Linear, returning logits; k lives on the parent."""
+    if not re.search(r"router", type(module).__name__, re.IGNORECASE):
+        return None
+    linears = [m for m in module.children() if isinstance(m, nn.Linear)]
+    if len(linears) != 1 or linears[0].out_features < 2:
+        return None
+    k = find_int_attr([module, parent], _K_NAMES) or (cfg.top_k if cfg is not None else None)
+    if k is None:
+        return None
+    spec = RouterSpec(name, module, module, "logits", linears[0].out_features, k, _noop, _score_func(module, parent))
+    spec.extract = _read_logits_only(spec)
+    return spec
+
+
+# --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks -----------------------------------------
+
+
+def _read_megatron(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+    # (probs_TE, routing_map_TE); probs are zero outside the top-k, so entropy falls back to loads.
+    _, routing_map = out
+    return RouterOutput(routing_map_TE=routing_map)
+
+
+def match_megatron(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    mcfg = getattr(module, "config", None)
+    if mcfg is None or not hasattr(mcfg, "moe_router_topk") or not hasattr(mcfg, "num_moe_experts"):
+        return None
+    if not re.search(r"router", type(module).__name__, re.IGNORECASE):
+        return None
+    e, k = int(mcfg.num_moe_experts), int(mcfg.moe_router_topk)
+    return RouterSpec(name, module, module, "megatron", e, k, _read_megatron, _score_func(module))
+
+
+def match_deepspeed(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    """DeepSpeed ``TopKGate``: hook its ``wg`` Linear and take the top-k of its logits."""
+    wg = getattr(module, "wg", None)
+    k = getattr(module, "k", None)
+    if not isinstance(wg, nn.Linear) or not isinstance(k, int) or "gate" not in type(module).__name__.lower():
+        return None
+    spec = RouterSpec(name, module, wg, "deepspeed", wg.out_features, k, _noop)
+    spec.extract = _read_logits_only(spec)
+    return spec
+
+
+def _read_torchtitan(spec: RouterSpec):
+    sf = spec.score_func
+
+    def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        # (top_scores_TK, selected_experts_indices_TK, num_tokens_per_expert_E); logits come from the
+        # `gate` child, stashed by its own hook during this same forward.
+        logits = spec.extra.pop("stash", None)
+        return RouterOutput(indices_TK=out[1], logits_TE=logits, score_func=sf)
+
+    return read
+
+
+def match_torchtitan(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    gate = getattr(module, "gate", None)
+    if not isinstance(gate, nn.Linear) or not hasattr(module, "score_func"):
+        return None
+    e = find_int_attr([module], ("num_experts",))
+    k = find_int_attr([module], ("top_k",))
+    if e is None or k is None or "router" not in type(module).__name__.lower():
+        return None
+    spec = RouterSpec(name, module, module, "torchtitan", e, k, _noop, _score_func(module))
+    spec.extract = _read_torchtitan(spec)
+    spec.extra["logits_module"] = gate
+    return spec
+
+
+def _read_megablocks(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+    # (scores_TE softmax over all experts, expert_weights_TK, expert_indices_TK)
+    scores, _, indices = out
+    return RouterOutput(indices_TK=indices, probs_TE=scores)
+
+
+def match_megablocks(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    layer = getattr(module, "layer", None)
+    args = getattr(module, "args", None)
+    if not isinstance(layer, nn.Linear) or args is None or not hasattr(args, "moe_top_k"):
+        return None
+    return RouterSpec(name, module, module, "megablocks", layer.out_features, int(args.moe_top_k), _read_megablocks)
+
+
+# --- plain nn.Linear gate ---------------------------------------------------------------------
+
+
+def linear_gate_spec(name: str, module: nn.Linear, k: int, family: str = "linear") -> RouterSpec:
+    spec = RouterSpec(name, module, module, family, module.out_features, k, _noop)
+    spec.extract = _read_logits_only(spec)
+    return spec
+
+
+def match_linear_gate(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    """A bare ``nn.Linear`` named gate/router/wg next to an ``experts`` sibling, k from the parent or config.
+    Excludes one-output gates such as Qwen2-MoE's ``shared_expert_gate``."""
+    if type(module) is not nn.Linear or module.out_features < 2 or parent is None:
+        return None
+    if name.rsplit(".", 1)[-1] not in ("gate", "router", "wg", "gating", "switch"):
+        return None
+    if not hasattr(parent, "experts"):
+        return None
+    k = find_int_attr([parent], _K_NAMES) or (cfg.top_k if cfg is not None else None)
+    if k is None:
+        return None
+    return linear_gate_spec(name, module, k)
+
+
+def _noop(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:  # replaced after construction
+    raise AssertionError("extractor not bound")
+
+
+#: Tried in order on every module; the first match claims it (and its children).
+MATCHERS = (
+    match_megatron,
+    match_deepspeed,
+    match_torchtitan,
+    match_megablocks,
+    match_switch,
+    match_hf_topk,
+    match_logits_only,
+    match_linear_gate,
+)

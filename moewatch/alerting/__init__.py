@@ -1,0 +1,1 @@
+"""Alerting (issue 4)."""

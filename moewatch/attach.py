@@ -1,0 +1,65 @@
+"""``moewatch.attach``: the one line users write."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from moewatch.adapters.discovery import discover_routers
+from moewatch.config import MoEWatchConfig, build_config
+from moewatch.monitor import Monitor
+from moewatch.sinks import build_sinks
+from moewatch.sinks.base import Sink
+
+__all__ = ["attach"]
+
+log = logging.getLogger("moewatch")
+
+
+def attach(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    config: MoEWatchConfig | None = None,
+    *,
+    sinks: list[Sink] | None = None,
+    process_group: Any = None,
+    **overrides: Any,
+) -> Monitor:
+    """Find every router in ``model``, hook it, and start counting.
+
+    Args:
+        model: any ``nn.Module`` holding MoE routers.
+        optimizer: steps are counted by its step post-hook. Without one, call ``watch.step()`` after each
+            optimizer step; failing that, each training-mode forward of ``model`` counts as a step.
+        config: a :class:`MoEWatchConfig`; by default one is read from ``MOEWATCH_*`` environment variables.
+        sinks: extra sinks that receive every window report, after the configured ones.
+        process_group: all-reduce counts over this group at every window end (every rank must take part);
+            only its rank 0 emits to sinks. Defaults to the world group when ``torch.distributed`` is
+            initialised with more than one rank; pass ``False`` to count each rank on its own.
+        **overrides: top-level config fields, e.g. ``window_steps=10``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"moewatch.attach expects a torch.nn.Module, got {type(model).__name__}")
+    cfg = build_config(config, overrides)
+    if process_group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            process_group = torch.distributed.group.WORLD
+    elif process_group is False:
+        process_group = None
+    specs = discover_routers(model, cfg)
+    reporting = process_group is None or torch.distributed.get_rank(process_group) == 0
+    all_sinks = (build_sinks(cfg) if reporting else []) + list(sinks or [])
+    try:
+        monitor = Monitor(model, specs, cfg, optimizer=optimizer, sinks=all_sinks, process_group=process_group)
+    except BaseException:
+        for s in all_sinks:
+            s.close()
+        raise
+    log.info(
+        "moewatch attached to %d routers (%s), window %d steps, run %r",
+        len(specs), ", ".join(sorted({s.family for s in specs})), cfg.window_steps, cfg.run_name,
+    )
+    return monitor

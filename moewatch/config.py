@@ -1,0 +1,200 @@
+"""Configuration: one pydantic-settings model, from code, environment or a TOML/YAML file.
+
+Precedence, highest first: keyword overrides to :func:`moewatch.attach`, fields given to
+``MoEWatchConfig(...)``, environment variables (``MOEWATCH_WINDOW_STEPS=10``,
+``MOEWATCH_THRESHOLDS__LOAD_COV_COLLAPSED=1.2``), then defaults. ``MoEWatchConfig.from_file`` reads
+a TOML or YAML file whose keys are the field names below (sections for nested models).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from moewatch.alerting.settings import AlertsConfig
+from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "ConfigError",
+    "ConsoleConfig",
+    "JsonlConfig",
+    "MoEWatchConfig",
+    "Thresholds",
+    "format_validation_error",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and how to set it."""
+
+
+class Thresholds(BaseModel):
+    """Health thresholds (DESIGN section 3). A metric is compared against its warning and collapsed bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    load_cov_warning: float = Field(0.35, ge=0, description="load_cov at or above this is a warning.")
+    load_cov_collapsed: float = Field(1.0, ge=0, description="load_cov above this is collapsed.")
+    dead_ratio_warning: float = Field(0.0, ge=0, le=1, description="dead_ratio above this is a warning.")
+    dead_ratio_collapsed: float = Field(0.10, ge=0, le=1, description="dead_ratio above this is collapsed.")
+    top2_excess_warning: float = Field(0.03, ge=0, le=1, description="top-2 excess above this is a warning.")
+    top2_excess_collapsed: float = Field(0.38, ge=0, le=1, description="top-2 excess above this is collapsed.")
+    entropy_warning: float = Field(0.85, ge=0, le=1, description="norm_entropy at or below this is a warning.")
+    entropy_collapsed: float = Field(0.50, ge=0, le=1, description="norm_entropy below this is collapsed.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Thresholds:
+        pairs = [
+            ("load_cov_warning", "load_cov_collapsed"),
+            ("dead_ratio_warning", "dead_ratio_collapsed"),
+            ("top2_excess_warning", "top2_excess_collapsed"),
+        ]
+        for lo, hi in pairs:
+            if getattr(self, lo) > getattr(self, hi):
+                raise ValueError(f"thresholds.{lo} must not exceed thresholds.{hi}")
+        if self.entropy_collapsed > self.entropy_warning:
+            raise ValueError("thresholds.entropy_collapsed must not exceed thresholds.entropy_warning")
+        return self
+
+
+class JsonlConfig(BaseModel):
+    """The local JSONL log: one line per window, the report as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Write the JSONL log.")
+    path: Path | None = Field(
+        None, description="File to append to; default ./moewatch-runs/<run_name>/windows.jsonl."
+    )
+
+
+class ConsoleConfig(BaseModel):
+    """The human view: a rich table per window (or a live-updating one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Print the per-layer table at every window end.")
+    live: bool = Field(False, description="Redraw one live table in place instead of printing one per window.")
+    max_layers: int = Field(64, ge=1, description="Rows shown; the worst layers first when there are more.")
+
+
+def _default_run_name() -> str:
+    return "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+class MoEWatchConfig(BaseSettings):
+    """Everything moewatch can be told. Every field can be set from the environment with the prefix
+    ``MOEWATCH_`` and ``__`` between nested names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MOEWATCH_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        arbitrary_types_allowed=True,
+    )
+
+    run_name: str = Field(default_factory=_default_run_name, min_length=1, description="Label for this run.")
+    window_steps: int = Field(100, ge=1, description="Optimizer steps per metrics window.")
+    min_fair_share: float = Field(
+        32.0, ge=0, description="Windows with fewer assignments per expert are insufficient_data (no alerts)."
+    )
+    dead_fraction: float = Field(
+        0.01, ge=0, le=1, description="An expert is dead when its load is below this fraction of the fair share."
+    )
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
+    pushgateway: PushgatewayConfig = Field(default_factory=PushgatewayConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+
+    routers: list[str] | Callable[[str, Any], bool] | None = Field(
+        None,
+        description="Only these modules are routers: glob patterns on dotted names, or a predicate "
+        "(name, module) -> bool. Default: auto-detect.",
+    )
+    extractor: Callable[..., Any] | None = Field(
+        None,
+        description="Callable (module, inputs, output) -> moewatch.RouterOutput for routers named by `routers`.",
+    )
+    top_k: int | None = Field(None, ge=1, description="k for plain nn.Linear gates that do not expose it.")
+    num_experts: int | None = Field(None, ge=1, description="E for custom extractors that do not expose it.")
+    capacity_factor: float | None = Field(
+        None, gt=0, description="Estimate dropped tokens as if each expert held capacity_factor * fair share."
+    )
+    expert_parallel_size: int | None = Field(
+        None, ge=1, description="Report load per expert-parallel rank (experts placed contiguously)."
+    )
+    count_eval: bool = Field(False, description="Also count forwards in eval mode.")
+    async_flush: bool = Field(
+        True, description="On CUDA, copy window counts non-blocking and build the report one step later."
+    )
+    strict: bool = Field(False, description="Re-raise exceptions from router hooks (for tests).")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> MoEWatchConfig:
+        """Load a ``.toml``, ``.yaml`` or ``.yml`` file. Environment variables still apply beneath it."""
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        text = p.read_text()
+        try:
+            if p.suffix == ".toml":
+                data = tomllib.loads(text)
+            elif p.suffix in (".yaml", ".yml"):
+                data = yaml.safe_load(text) or {}
+            else:
+                raise ConfigError(f"config file {p}: use a .toml, .yaml or .yml file")
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"config file {p} is not valid {p.suffix[1:].upper()}: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config file {p} must hold a table/mapping of fields at the top level")
+        return build_config(None, {**data, **overrides}, source=str(p))
+
+    @property
+    def jsonl_path(self) -> Path:
+        return self.jsonl.path or Path("moewatch-runs") / self.run_name / "windows.jsonl"
+
+
+def format_validation_error(exc: ValidationError, source: str = "MoEWatchConfig") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+        env = "MOEWATCH_" + "__".join(str(x) for x in err["loc"]).upper()
+        got = err.get("input")
+        got_s = "" if isinstance(got, Mapping) else f" (got {got!r})"
+        lines.append(f"  {loc}: {err['msg']}{got_s}; set it in code, the config file or ${env}")
+    return f"invalid moewatch configuration from {source}:\n" + "\n".join(lines)
+
+
+def build_config(
+    config: MoEWatchConfig | None, overrides: Mapping[str, Any], source: str = "attach()"
+) -> MoEWatchConfig:
+    """Merge keyword overrides into ``config`` (or a fresh one read from the environment)."""
+    try:
+        if config is None:
+            return MoEWatchConfig(**overrides)
+        if not overrides:
+            return config
+        unknown = set(overrides) - set(MoEWatchConfig.model_fields)
+        if unknown:
+            raise ConfigError(
+                f"unknown moewatch config field(s) {sorted(unknown)}; valid fields: {sorted(MoEWatchConfig.model_fields)}"
+            )
+        merged = {name: getattr(config, name) for name in MoEWatchConfig.model_fields} | dict(overrides)
+        return MoEWatchConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None

@@ -1,0 +1,363 @@
+"""The Monitor: hooks on every router, step counting, window ends, and hand-off to the sinks."""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moewatch.accumulator import Accumulator, WindowCounts
+from moewatch.adapters.base import RouterInfo, RouterSpec
+from moewatch.config import MoEWatchConfig
+from moewatch.report import WindowReport
+from moewatch.sinks.base import Sink
+from moewatch.window import WindowMeta, build_window_report
+
+__all__ = ["AlreadyAttachedError", "Monitor"]
+
+log = logging.getLogger("moewatch")
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
+
+
+class AlreadyAttachedError(ValueError):
+    """A model can carry one monitor at a time."""
+
+
+def _in_backward() -> bool:
+    # Activation checkpointing (reentrant and not) re-runs forwards inside the autograd engine.
+    return torch._C._current_graph_task_id() != -1
+
+
+class _Pending:
+    """A window whose counts are on their way to the host (CUDA, non-blocking copy)."""
+
+    __slots__ = ("host", "event", "tokens", "prob_tokens", "meta")
+
+    def __init__(self, host: torch.Tensor, event: Any, tokens: np.ndarray, prob_tokens: np.ndarray, meta: WindowMeta):
+        self.host, self.event, self.tokens, self.prob_tokens, self.meta = host, event, tokens, prob_tokens, meta
+
+
+class Monitor:
+    """Watches the routers of one model. Build it with :func:`moewatch.attach`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: list[RouterSpec],
+        config: MoEWatchConfig,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        sinks: list[Sink] | None = None,
+        process_group: Any = None,
+    ) -> None:
+        if model in _ATTACHED:
+            raise AlreadyAttachedError(
+                f"moewatch is already attached to this {type(model).__name__}; call .close() on the existing "
+                "monitor (or use it as a context manager) before attaching again"
+            )
+        self.config = config
+        self._specs = specs
+        self._routers = [s.info(i) for i, s in enumerate(specs)]
+        self._top_k = [s.top_k for s in specs]
+        self._acc = Accumulator([s.num_experts for s in specs])
+        self._sinks: list[Sink] = list(sinks or [])
+        self._group = process_group
+        self._handles: list[Any] = []
+        self._disabled = [False] * len(specs)
+        self.hook_errors = 0
+        self.latest: WindowReport | None = None
+        self._pending: _Pending | None = None
+        self._step = 0
+        self._window = 0
+        self._window_start_step = 0
+        self._window_start_time = time.time()
+        self._closed = False
+        self._manual_steps = False
+        self._root_handle: Any = None
+        self._model_ref = weakref.ref(model)
+
+        for i, spec in enumerate(specs):
+            self._handles.append(spec.hook_module.register_forward_hook(self._make_hook(i, spec)))
+            child = spec.extra.get("logits_module")
+            if child is not None:
+                self._handles.append(child.register_forward_hook(self._make_stash(spec)))
+        if optimizer is not None:
+            if not hasattr(optimizer, "register_step_post_hook"):
+                self._remove_hooks()
+                raise ValueError(
+                    f"moewatch: optimizer={type(optimizer).__name__} has no register_step_post_hook; pass the "
+                    "underlying torch.optim.Optimizer, or omit optimizer= and call watch.step() after each step"
+                )
+            self._handles.append(optimizer.register_step_post_hook(lambda *_: self._advance()))
+        else:
+            self._root_handle = model.register_forward_hook(self._on_root_forward)
+        _ATTACHED[model] = self
+        for sink in self._sinks:
+            self._bind(sink)
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def routers(self) -> list[RouterInfo]:
+        """Routers found, in layer order."""
+        return list(self._routers)
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    @property
+    def sinks(self) -> list[Sink]:
+        return list(self._sinks)
+
+    def step(self) -> WindowReport | None:
+        """Mark the end of one optimizer step (when no optimizer was given). Returns the report of a window
+        that completed now, if any. Once called, root-module forwards no longer count as steps."""
+        if not self._manual_steps:
+            self._manual_steps = True
+            if self._root_handle is not None:
+                self._root_handle.remove()
+                self._root_handle = None
+        return self._advance()
+
+    def flush(self) -> WindowReport:
+        """Close the current window now (however many steps it has) and return its report. With a process
+        group every rank must call it, as it all-reduces."""
+        self._finish_pending()
+        report = self._end_window(blocking=True)
+        assert report is not None
+        return report
+
+    def close(self) -> None:
+        """Report what is left of the current window, remove every hook and close the sinks. The model is
+        exactly as before ``attach``. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._finish_pending()
+            if self._step > self._window_start_step or any(self._acc.tokens_L):
+                self._end_window(blocking=True)
+        finally:
+            self._remove_hooks()
+            model = self._model_ref()
+            if model is not None:
+                _ATTACHED.pop(model, None)
+            for sink in self._sinks:
+                try:
+                    sink.close()
+                except Exception:  # noqa: BLE001 - a sink must not break close()
+                    log.exception("moewatch: closing sink %s failed", type(sink).__name__)
+
+    def add_sink(self, sink: Sink) -> None:
+        self._bind(sink)
+        self._sinks.append(sink)
+
+    def find_sink(self, cls: type[Any]) -> Any | None:
+        """The first sink that is an instance of ``cls`` (e.g. the Prometheus exporter), or None."""
+        return next((s for s in self._sinks if isinstance(s, cls)), None)
+
+    def _bind(self, sink: Sink) -> None:
+        # Sinks that report on the monitor itself (hook errors, other sinks' delivery counters) get a
+        # reference to it through an optional bind(monitor) method.
+        bind = getattr(sink, "bind", None)
+        if callable(bind):
+            bind(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and sink state (alert incidents) to save with a training checkpoint."""
+        sinks = {
+            type(s).__name__: s.state_dict()  # type: ignore[attr-defined]
+            for s in self._sinks
+            if hasattr(s, "state_dict")
+        }
+        return {"step": self._step, "window": self._window, "sinks": sinks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._step = self._window_start_step = int(state.get("step", 0))
+        self._window = int(state.get("window", 0))
+        for s in self._sinks:
+            saved = state.get("sinks", {}).get(type(s).__name__)
+            if saved is not None and hasattr(s, "load_state_dict"):
+                s.load_state_dict(saved)  # type: ignore[attr-defined]
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Monitor(run={self.config.run_name!r}, routers={len(self._routers)}, step={self._step}, "
+            f"window_steps={self.config.window_steps}, closed={self._closed})"
+        )
+
+    # --- hot path -----------------------------------------------------------------------------
+
+    def _make_hook(self, i: int, spec: RouterSpec) -> Callable[..., None]:
+        acc, top_k, count_eval, strict = self._acc, spec.top_k, self.config.count_eval, self.config.strict
+        extract = spec.extract
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not (module.training or count_eval) or self._disabled[i] or _in_backward():
+                return
+            try:
+                with torch.no_grad():
+                    acc.update(i, extract(module, args, output), top_k)
+            except Exception as exc:
+                if strict:
+                    raise
+                self._disabled[i] = True
+                self.hook_errors += 1
+                log.warning(
+                    "moewatch: reading router %r (%s) failed and it is skipped from now on: %s: %s",
+                    spec.name, spec.family, type(exc).__name__, exc,
+                )
+
+        return hook
+
+    @staticmethod
+    def _make_stash(spec: RouterSpec) -> Callable[..., None]:
+        def stash(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            spec.extra["stash"] = output
+
+        return stash
+
+    def _on_root_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if module.training and not self._manual_steps and not _in_backward():
+            self._advance()
+
+    def _advance(self) -> WindowReport | None:
+        if self._closed:
+            return None
+        self._step += 1
+        report = self._poll_pending()
+        if self._step - self._window_start_step >= self.config.window_steps:
+            blocking = not self.config.async_flush
+            report = self._end_window(blocking=blocking) or report
+        return report
+
+    # --- window end ---------------------------------------------------------------------------
+
+    def _reporting_rank(self) -> bool:
+        if self._group is None:
+            return True
+        return dist.get_rank(self._group) == 0
+
+    def _end_window(self, blocking: bool) -> WindowReport | None:
+        meta = WindowMeta(
+            run=self.config.run_name,
+            window=self._window,
+            step_start=self._window_start_step,
+            step_end=self._step,
+            time_start=self._window_start_time,
+            time_end=time.time(),
+            hook_errors=self.hook_errors,
+        )
+        self._window += 1
+        self._window_start_step = self._step
+        self._window_start_time = meta.time_end
+        try:
+            packed = self._acc.pack()
+            tokens, prob_tokens = self._acc.take_host_counts()
+            if self._group is not None:
+                packed, tokens, prob_tokens = self._all_reduce(packed, tokens, prob_tokens)
+            if packed is None:
+                return self._publish(self._acc.unpack(self._zeros(), tokens, prob_tokens), meta)
+            if packed.device.type == "cuda" and not blocking:
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                host.copy_(packed, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._pending = _Pending(host, event, tokens, prob_tokens, meta)
+                return None
+            host_np = packed.cpu().numpy()  # CPU-GPU sync: once per window, at its end
+            return self._publish(self._acc.unpack(host_np, tokens, prob_tokens), meta)
+        except Exception:
+            if self.config.strict:
+                raise
+            log.exception("moewatch: closing window %d failed; its counts are lost", meta.window)
+            return None
+
+    def _zeros(self) -> np.ndarray:
+        return np.zeros((self._acc.n_layers, 2 * self._acc.e_max + 4))
+
+    def _all_reduce(
+        self, packed: torch.Tensor | None, tokens: np.ndarray, prob_tokens: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """One all_reduce(SUM) of counts and token totals across the group (every rank must join)."""
+        backend = dist.get_backend(self._group)
+        device = packed.device if packed is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        )
+        if packed is None:
+            packed = torch.from_numpy(self._zeros()).to(device)
+        host_tok = torch.from_numpy(np.stack([tokens, prob_tokens], axis=1).astype(np.float64))
+        if device.type == "cuda":
+            host_tok = host_tok.pin_memory()
+        full = torch.cat([packed, host_tok.to(device, non_blocking=True)], dim=1)
+        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self._group)
+        # Token totals ride in the last two columns; _split_token_columns takes them back out on the host.
+        return full, tokens, prob_tokens
+
+    def _poll_pending(self) -> WindowReport | None:
+        p = self._pending
+        if p is None or not p.event.query():
+            return None
+        self._pending = None
+        return self._publish_host(p)
+
+    def _finish_pending(self) -> None:
+        p = self._pending
+        if p is not None:
+            p.event.synchronize()  # CPU-GPU sync: only on flush()/close()
+            self._pending = None
+            self._publish_host(p)
+
+    def _publish_host(self, p: _Pending) -> WindowReport | None:
+        try:
+            return self._publish(self._acc.unpack(p.host.numpy(), p.tokens, p.prob_tokens), p.meta)
+        except Exception:
+            if self.config.strict:
+                raise
+            log.exception("moewatch: building window %d failed", p.meta.window)
+            return None
+
+    def _publish(self, counts: WindowCounts, meta: WindowMeta) -> WindowReport:
+        counts = self._split_token_columns(counts)
+        report = build_window_report(self._routers, counts, meta, self.config)
+        self.latest = report
+        if self._reporting_rank():
+            for sink in self._sinks:
+                try:
+                    sink.emit(report)
+                except Exception:  # noqa: BLE001 - a sink must never reach the training loop
+                    if self.config.strict:
+                        raise
+                    log.exception("moewatch: sink %s failed on window %d", type(sink).__name__, meta.window)
+        return report
+
+    def _split_token_columns(self, counts: WindowCounts) -> WindowCounts:
+        if self._group is None:
+            return counts
+        stats = counts.stats_LS
+        tokens = np.rint(stats[:, -2]).astype(np.int64)
+        prob_tokens = np.rint(stats[:, -1]).astype(np.int64)
+        return WindowCounts(counts.counts_LE1, stats[:, :-2], tokens, prob_tokens)
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        if self._root_handle is not None:
+            self._root_handle.remove()
+            self._root_handle = None

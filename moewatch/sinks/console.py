@@ -1,0 +1,93 @@
+"""A table a person can read at a glance: one row per layer, coloured by state."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from moewatch.report import HealthState, LayerReport, WindowReport
+
+__all__ = ["ConsoleSink", "render_table"]
+
+STYLE = {
+    HealthState.HEALTHY: "green",
+    HealthState.WARNING: "yellow",
+    HealthState.COLLAPSED: "bold red",
+    HealthState.INSUFFICIENT_DATA: "dim",
+}
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _rows(report: WindowReport, max_layers: int) -> list[LayerReport]:
+    layers = report.layers
+    if len(layers) <= max_layers:
+        return layers
+    worst_first = sorted(layers, key=lambda r: (-r.state.severity, -(r.load_cov or 0.0)))
+    return sorted(worst_first[:max_layers], key=lambda r: r.index)
+
+
+def render_table(report: WindowReport, max_layers: int = 64) -> Table:
+    state = Text(report.state.value, style=STYLE[report.state])
+    title = Text.assemble(
+        f"moewatch {report.run}  steps {report.step_start}-{report.step_end}  ", "run: ", state
+    )
+    table = Table(title=title, title_justify="left", expand=False)
+    for col, justify in (
+        ("layer", "right"),
+        ("module", "left"),
+        ("state", "left"),
+        ("load CV", "right"),
+        ("dead", "right"),
+        ("top-2 share", "right"),
+        ("entropy", "right"),
+        ("eff. experts", "right"),
+        ("tokens", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    shown = _rows(report, max_layers)
+    for r in shown:
+        style = STYLE[r.state]
+        table.add_row(
+            str(r.index),
+            r.module,
+            Text(r.state.value, style=style),
+            _fmt(r.load_cov),
+            f"{r.dead_experts}/{r.num_experts}",
+            _fmt(r.top2_share, ".1%") if r.top2_share is not None else "-",
+            _fmt(r.norm_entropy),
+            _fmt(r.effective_experts, ".1f"),
+            str(r.tokens),
+            style=None if r.state is HealthState.HEALTHY else style,
+        )
+    if len(shown) < len(report.layers):
+        table.caption = f"{len(report.layers) - len(shown)} more layers not shown (worst first)"
+    return table
+
+
+class ConsoleSink:
+    """Prints the table at every window end, or redraws one live table in place (``live=True``)."""
+
+    def __init__(self, live: bool = False, max_layers: int = 64, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.max_layers = max_layers
+        self._live: Live | None = None
+        if live:
+            self._live = Live(console=self.console, auto_refresh=False, transient=False)
+            self._live.start()
+
+    def emit(self, report: WindowReport) -> None:
+        table = render_table(report, self.max_layers)
+        if self._live is not None:
+            self._live.update(table, refresh=True)
+        else:
+            self.console.print(table)
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
