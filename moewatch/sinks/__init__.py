@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 
 from moewatch.config import MoEWatchConfig
+from moewatch.exporter.sink import prometheus_sink
 from moewatch.sinks.base import Sink
 from moewatch.sinks.console import ConsoleSink
 from moewatch.sinks.jsonl import JsonlSink
@@ -25,6 +26,7 @@ def _console(cfg: MoEWatchConfig) -> Sink | None:
 
 #: Each factory returns a sink for the config, or None when that sink is off. Order is emit order.
 SINK_FACTORIES: list[Callable[[MoEWatchConfig], Sink | None]] = [_jsonl, _console]
+SINK_FACTORIES.append(prometheus_sink)  # Prometheus /metrics + Pushgateway (moewatch.exporter)
 
 
 def build_sinks(cfg: MoEWatchConfig) -> list[Sink]:

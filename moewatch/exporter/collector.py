@@ -1,0 +1,324 @@
+"""A Prometheus Collector that serves every scrape from the last immutable :class:`WindowReport`.
+
+``update(report)`` (training thread, once per window) folds the report into a new immutable
+:class:`_Snapshot` (cumulative counters included) and swaps one reference; ``collect()`` (scrape
+thread) reads that reference once and never touches device tensors or the monitor's buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from moewatch.report import STATE_VALUES, LayerReport, WindowReport
+
+__all__ = ["LAYER_GAUGES", "LAYER_LABELS", "MoEWatchCollector", "NOTIFICATION_OUTCOMES"]
+
+log = logging.getLogger(__name__)
+
+LAYER_LABELS = ("run", "layer", "module")
+NOTIFICATION_OUTCOMES = ("sent", "failed", "retried", "dropped")
+
+#: (metric name, LayerReport attribute, help). Undefined values (None) are left out of the scrape.
+LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("moewatch_layer_load_cov", "load_cov", "Coefficient of variation (std/mean) of expert loads; 0 = even."),
+    ("moewatch_layer_dead_experts", "dead_experts", "Experts below dead_fraction of the fair share."),
+    ("moewatch_layer_dead_ratio", "dead_ratio", "Dead experts / experts."),
+    (
+        "moewatch_layer_top2_share",
+        "top2_share",
+        "Share of assignments taken by the two busiest experts (ratio).",
+    ),
+    ("moewatch_layer_top2_excess", "top2_excess", "top2_share on the fair (0) .. maximum (1) scale."),
+    ("moewatch_layer_norm_entropy", "norm_entropy", "Router entropy / ln(experts); 1 = uniform."),
+    ("moewatch_layer_max_violation", "max_violation", "(max load - mean load) / mean load (MaxVio)."),
+    ("moewatch_layer_effective_experts", "effective_experts", "exp(entropy of the load distribution)."),
+    ("moewatch_layer_z_loss", "z_loss", "Router z-loss: mean over tokens of logsumexp(logits)^2."),
+    ("moewatch_layer_nonfinite", "nonfinite", "Non-finite router outputs seen in the window."),
+    ("moewatch_layer_invalid_ids", "invalid_ids", "Expert ids outside [0, experts) seen in the window."),
+    ("moewatch_layer_dropped_ratio", "dropped_ratio", "Estimated share of assignments over expert capacity."),
+    (
+        "moewatch_layer_ep_load_cov",
+        "ep_load_cov",
+        "Coefficient of variation of load per expert-parallel rank.",
+    ),
+    (
+        "moewatch_layer_fair_share",
+        "fair_share",
+        "Assignments per expert if perfectly balanced, in the window.",
+    ),
+    ("moewatch_layer_window_tokens", "tokens", "Tokens the router saw in the window."),
+    ("moewatch_layer_window_assignments", "assignments", "Expert assignments in the window."),
+    ("moewatch_layer_experts", "num_experts", "Experts of the router."),
+    ("moewatch_layer_top_k", "top_k", "Experts chosen per token."),
+)
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    report: WindowReport
+    windows: int
+    tokens: int
+    layer_tokens: tuple[int, ...]
+    expert_totals: tuple[tuple[int, ...], ...]
+    expert_dead: tuple[frozenset[int], ...]
+
+
+def _fold(prev: _Snapshot | None, report: WindowReport) -> _Snapshot:
+    same_shape = prev is not None and [len(t) for t in prev.expert_totals] == [
+        len(layer.loads) for layer in report.layers
+    ]
+    if prev is None or not same_shape:
+        if prev is not None:
+            log.warning("moewatch: router set changed between windows; per-expert counters restart")
+        return _Snapshot(
+            report=report,
+            windows=(prev.windows if prev else 0) + 1,
+            tokens=(prev.tokens if prev else 0) + report.tokens,
+            layer_tokens=tuple(layer.tokens for layer in report.layers),
+            expert_totals=tuple(tuple(layer.loads) for layer in report.layers),
+            expert_dead=tuple(frozenset(layer.dead_expert_ids) for layer in report.layers),
+        )
+    return _Snapshot(
+        report=report,
+        windows=prev.windows + 1,
+        tokens=prev.tokens + report.tokens,
+        layer_tokens=tuple(
+            t + layer.tokens for t, layer in zip(prev.layer_tokens, report.layers, strict=True)
+        ),
+        expert_totals=tuple(
+            tuple(a + b for a, b in zip(tot, layer.loads, strict=True))
+            for tot, layer in zip(prev.expert_totals, report.layers, strict=True)
+        ),
+        expert_dead=tuple(frozenset(layer.dead_expert_ids) for layer in report.layers),
+    )
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    import moewatch
+
+    return {
+        "version": moewatch.__version__,
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+    }
+
+
+class MoEWatchCollector(Collector):
+    """Serves the moewatch metrics of one run. Register it on any ``CollectorRegistry``.
+
+    Args:
+        run: the ``run`` label (the config's ``run_name``); reports carry it too.
+        per_expert: export ``moewatch_expert_*`` series (layers x experts each).
+        count_scrapes: count ``collect()`` calls in ``moewatch_scrapes_total`` (off for push registries).
+    """
+
+    def __init__(self, run: str, *, per_expert: bool = True, count_scrapes: bool = True) -> None:
+        self.run = run
+        self.per_expert = per_expert
+        self._count_scrapes = count_scrapes
+        self._snap: _Snapshot | None = None
+        self._lock = threading.Lock()
+        self._scrapes = 0
+        self._monitor: Callable[[], Any] = lambda: None
+        self._push_stats: Callable[[], dict[str, int]] | None = None
+        self._build = _versions()
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def update(self, report: WindowReport) -> None:
+        """Fold one window report in (called once per window, on the training thread)."""
+        with self._lock:
+            self._snap = _fold(self._snap, report)
+
+    def bind(self, monitor: Any) -> None:
+        """Read ``monitor.hook_errors`` and the delivery stats of ``monitor.sinks`` at scrape time."""
+        self._monitor = weakref.ref(monitor)
+
+    def set_push_stats(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._push_stats = stats
+
+    @property
+    def windows(self) -> int:
+        snap = self._snap
+        return 0 if snap is None else snap.windows
+
+    # --- Collector protocol -------------------------------------------------------------------
+
+    def describe(self) -> list[Metric]:
+        return list(self._families(None, scrapes=0, with_samples=False))
+
+    def collect(self) -> Iterator[Metric]:
+        if self._count_scrapes:
+            with self._lock:
+                self._scrapes += 1
+        yield from self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+
+    def peek(self) -> Iterator[Metric]:
+        """Like ``collect()`` but not counted as a scrape (for pushes)."""
+        yield from self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+
+    # --- families -----------------------------------------------------------------------------
+
+    def _families(self, snap: _Snapshot | None, scrapes: int, with_samples: bool) -> Iterator[Metric]:
+        run = [self.run]
+        build = GaugeMetricFamily(
+            "moewatch_build_info", "moewatch build information (value 1).", labels=["run", *self._build]
+        )
+        windows = CounterMetricFamily("moewatch_windows", "Window reports built.", labels=["run"])
+        tokens = CounterMetricFamily(
+            "moewatch_tokens", "Tokens seen by the first router in counted forwards.", labels=["run"]
+        )
+        hook_errors = CounterMetricFamily(
+            "moewatch_hook_errors",
+            "Router hook exceptions swallowed (the router is skipped after).",
+            labels=["run"],
+        )
+        scrape_c = CounterMetricFamily("moewatch_scrapes", "Scrapes served by this exporter.", labels=["run"])
+        if with_samples:
+            build.add_metric(run + list(self._build.values()), 1)
+            windows.add_metric(run, snap.windows if snap else 0)
+            tokens.add_metric(run, snap.tokens if snap else 0)
+            hook_errors.add_metric(run, self._hook_errors(snap))
+            scrape_c.add_metric(run, scrapes)
+        yield from (build, windows, tokens, hook_errors, scrape_c)
+        yield from self._notifications(with_samples)
+        yield from self._pushes(with_samples)
+        yield from self._window_families(snap, with_samples)
+        yield from self._layer_families(snap, with_samples)
+        if self.per_expert:
+            yield from self._expert_families(snap, with_samples)
+
+    def _hook_errors(self, snap: _Snapshot | None) -> int:
+        monitor = self._monitor()
+        if monitor is not None:
+            return int(getattr(monitor, "hook_errors", 0))
+        return snap.report.hook_errors if snap else 0
+
+    def _notifications(self, with_samples: bool) -> Iterator[Metric]:
+        fam = CounterMetricFamily(
+            "moewatch_notifications",
+            "Alert notifications by notifier and outcome (sent, failed, retried, dropped).",
+            labels=["run", "notifier", "outcome"],
+        )
+        if with_samples:
+            totals: dict[tuple[str, str], int] = {}
+            monitor = self._monitor()
+            for sink in getattr(monitor, "sinks", ()) if monitor is not None else ():
+                stats_fn = getattr(sink, "delivery_stats", None)
+                if not callable(stats_fn):
+                    continue
+                try:
+                    stats = stats_fn()
+                    for notifier, outcomes in stats.items():
+                        for outcome, n in outcomes.items():
+                            key = (str(notifier), str(outcome))
+                            totals[key] = totals.get(key, 0) + int(n)
+                except Exception:  # noqa: BLE001 - a broken sink must not break the scrape
+                    log.exception("moewatch: delivery_stats() of %s failed", type(sink).__name__)
+            for (notifier, outcome), n in sorted(totals.items()):
+                fam.add_metric([self.run, notifier, outcome], n)
+        yield fam
+
+    def _pushes(self, with_samples: bool) -> Iterator[Metric]:
+        if self._push_stats is None:
+            return
+        fam = CounterMetricFamily(
+            "moewatch_pushgateway_pushes", "Pushes to the Pushgateway by outcome.", labels=["run", "outcome"]
+        )
+        if with_samples:
+            for outcome, n in sorted(self._push_stats().items()):
+                fam.add_metric([self.run, outcome], n)
+        yield fam
+
+    def _window_families(self, snap: _Snapshot | None, with_samples: bool) -> Iterator[Metric]:
+        run_state = GaugeMetricFamily(
+            "moewatch_run_state",
+            "Worst layer state: 0 healthy, 1 warning, 2 collapsed, -1 insufficient data.",
+            labels=["run"],
+        )
+        step = GaugeMetricFamily(
+            "moewatch_step", "Optimizer steps counted at the end of the last window.", labels=["run"]
+        )
+        end_ts = GaugeMetricFamily(
+            "moewatch_window_end_timestamp_seconds", "Unix time the last window closed.", labels=["run"]
+        )
+        duration = GaugeMetricFamily(
+            "moewatch_window_duration_seconds", "Length of the last window.", labels=["run"]
+        )
+        steps = GaugeMetricFamily(
+            "moewatch_window_steps", "Optimizer steps in the last window.", labels=["run"]
+        )
+        layers = GaugeMetricFamily("moewatch_layers", "Routers (MoE layers) monitored.", labels=["run"])
+        if with_samples and snap is not None:
+            r, run = snap.report, [self.run]
+            run_state.add_metric(run, STATE_VALUES[r.state])
+            step.add_metric(run, r.step_end)
+            end_ts.add_metric(run, r.time_end)
+            duration.add_metric(run, max(0.0, r.time_end - r.time_start))
+            steps.add_metric(run, r.steps)
+            layers.add_metric(run, len(r.layers))
+        yield from (run_state, step, end_ts, duration, steps, layers)
+
+    def _layer_families(self, snap: _Snapshot | None, with_samples: bool) -> Iterator[Metric]:
+        state = GaugeMetricFamily(
+            "moewatch_layer_state",
+            "Layer health: 0 healthy, 1 warning, 2 collapsed, -1 insufficient data (never alerts).",
+            labels=list(LAYER_LABELS),
+        )
+        gauges = [
+            (GaugeMetricFamily(name, doc, labels=list(LAYER_LABELS)), attr)
+            for name, attr, doc in LAYER_GAUGES
+        ]
+        layer_tokens = CounterMetricFamily(
+            "moewatch_layer_tokens",
+            "Tokens the router saw, cumulative over windows.",
+            labels=list(LAYER_LABELS),
+        )
+        if with_samples and snap is not None:
+            for layer, total in zip(snap.report.layers, snap.layer_tokens, strict=True):
+                labels = self._layer_labels(layer)
+                state.add_metric(labels, STATE_VALUES[layer.state])
+                for fam, attr in gauges:
+                    value = getattr(layer, attr)
+                    if value is not None:
+                        fam.add_metric(labels, float(value))
+                layer_tokens.add_metric(labels, total)
+        yield state
+        yield from (fam for fam, _ in gauges)
+        yield layer_tokens
+
+    def _expert_families(self, snap: _Snapshot | None, with_samples: bool) -> Iterator[Metric]:
+        labels_e = [*LAYER_LABELS, "expert"]
+        assigned = CounterMetricFamily(
+            "moewatch_expert_assignments",
+            "Assignments (token, expert pairs) routed to the expert, cumulative over windows.",
+            labels=labels_e,
+        )
+        dead = GaugeMetricFamily(
+            "moewatch_expert_dead",
+            "1 if the expert was dead (below dead_fraction of fair share) in the last window.",
+            labels=labels_e,
+        )
+        if with_samples and snap is not None:
+            for layer, totals, dead_ids in zip(
+                snap.report.layers, snap.expert_totals, snap.expert_dead, strict=True
+            ):
+                base = self._layer_labels(layer)
+                for e, n in enumerate(totals):
+                    assigned.add_metric([*base, str(e)], n)
+                    dead.add_metric([*base, str(e)], 1.0 if e in dead_ids else 0.0)
+        yield from (assigned, dead)
+
+    def _layer_labels(self, layer: LayerReport) -> list[str]:
+        return [self.run, str(layer.index), layer.module]

@@ -1,0 +1,119 @@
+"""The Prometheus sink: a /metrics server and/or Pushgateway pushes, fed one report per window."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from moewatch.exporter.collector import MoEWatchCollector
+from moewatch.exporter.push import Pusher, default_rank
+from moewatch.exporter.server import MetricsServer, start_metrics_server
+from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
+from moewatch.report import WindowReport
+
+if TYPE_CHECKING:
+    from moewatch.config import MoEWatchConfig
+
+__all__ = ["PrometheusExporter", "prometheus_sink"]
+
+log = logging.getLogger(__name__)
+
+
+class _Peek(Collector):
+    def __init__(self, collector: MoEWatchCollector) -> None:
+        self._c = collector
+
+    def collect(self) -> Iterator[Metric]:
+        return self._c.peek()
+
+
+class PrometheusExporter:
+    """Exports every window report to Prometheus.
+
+    Serves ``/metrics`` (when ``prometheus.enabled``) from ``registry`` (a fresh ``CollectorRegistry`` by
+    default, so two monitors in one process do not clash) and pushes to a Pushgateway after every window
+    and at close (when ``pushgateway.url`` is set). ``url``/``port`` are the actual address once serving
+    (``port=0`` picks a free one), else ``None``. Only the reporting rank builds sinks, so a job group
+    serves one endpoint.
+    """
+
+    def __init__(
+        self,
+        run: str,
+        config: PrometheusConfig | None = None,
+        pushgateway: PushgatewayConfig | None = None,
+        *,
+        registry: CollectorRegistry | None = None,
+        rank: int | None = None,
+    ) -> None:
+        self.config = config or PrometheusConfig()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.collector = MoEWatchCollector(run, per_expert=self.config.per_expert)
+        self.registry.register(self.collector)
+        self._server: MetricsServer | None = None
+        self._pusher: Pusher | None = None
+        try:
+            if self.config.enabled:
+                self._server = start_metrics_server(self.config, self.registry)
+            if pushgateway is not None and pushgateway.url:
+                push_registry = CollectorRegistry()
+                push_registry.register(_Peek(self.collector))
+                self._pusher = Pusher(
+                    pushgateway, push_registry, run, default_rank() if rank is None else rank
+                )
+                self.collector.set_push_stats(lambda: dict(self._pusher.stats) if self._pusher else {})
+        except BaseException:
+            self.registry.unregister(self.collector)
+            raise
+
+    @classmethod
+    def from_config(
+        cls, cfg: MoEWatchConfig, registry: CollectorRegistry | None = None
+    ) -> PrometheusExporter:
+        return cls(cfg.run_name, cfg.prometheus, cfg.pushgateway, registry=registry)
+
+    @property
+    def url(self) -> str | None:
+        return self._server.url if self._server else None
+
+    @property
+    def port(self) -> int | None:
+        return self._server.port if self._server else None
+
+    @property
+    def pushgateway_url(self) -> str | None:
+        return self._pusher.url if self._pusher else None
+
+    def bind(self, monitor: Any) -> None:
+        self.collector.bind(monitor)
+
+    def emit(self, report: WindowReport) -> None:
+        self.collector.update(report)
+        if self._pusher is not None:
+            self._pusher.request()
+
+    def close(self) -> None:
+        if self._pusher is not None:
+            self._pusher.close()
+            self._pusher = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        try:
+            self.registry.unregister(self.collector)
+        except KeyError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"PrometheusExporter(run={self.collector.run!r}, url={self.url!r}, pushgateway={self.pushgateway_url!r})"
+
+
+def prometheus_sink(cfg: MoEWatchConfig) -> PrometheusExporter | None:
+    """SINK_FACTORIES entry: the exporter when serving or pushing is configured, else None."""
+    if not cfg.prometheus.enabled and not cfg.pushgateway.url:
+        return None
+    return PrometheusExporter.from_config(cfg)
