@@ -19,11 +19,15 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 
 @dataclass(frozen=True, slots=True)
 class RouterOutput:
-    """One router call, as moewatch reads it. Give ``indices_TK`` or ``routing_map_TE``; optionally
-    ``logits_TE`` (probabilities are derived with ``score_func``) or ready ``probs_TE``."""
+    """One router call, as moewatch reads it. Give ``indices_TK``, ``routing_map_TE``, or ``counts_E``
+    with ``num_tokens``; optionally ``logits_TE`` (probabilities are derived with ``score_func``) or ready
+    ``probs_TE``."""
 
     indices_TK: torch.Tensor | None = None
     routing_map_TE: torch.Tensor | None = None
+    #: Assignments per expert of this call (DeepSpeed's ``exp_counts``); needs ``num_tokens``.
+    counts_E: torch.Tensor | None = None
+    num_tokens: int | None = None
     logits_TE: torch.Tensor | None = None
     probs_TE: torch.Tensor | None = None
     score_func: ScoreFunc = "softmax"

@@ -86,6 +86,12 @@ def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
                 spec = _custom_spec(name, module, parent, cfg)
             else:
                 spec = _match(name, module, parent, cfg)
+                if spec is None and isinstance(module, nn.Linear) and module.out_features < 2:
+                    raise ValueError(
+                        f"moewatch: {name!r} matched `routers` but is an nn.Linear with "
+                        f"{module.out_features} output, not a router over experts (a shared-expert gate such "
+                        "as Qwen2-MoE's `shared_expert_gate`?); narrow the pattern, e.g. routers=['*.mlp.gate']"
+                    )
                 if spec is None and isinstance(module, nn.Linear):
                     k = cfg.top_k or find_int_attr([parent], _K_NAMES)
                     if k is None:

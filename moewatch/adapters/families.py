@@ -8,10 +8,12 @@ Legend: ``T`` tokens, ``E`` experts, ``K`` top-k.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moewatch.adapters.base import RouterOutput, RouterSpec, ScoreFunc, find_int_attr
@@ -24,8 +26,17 @@ _SCORE_ATTRS = ("score_func", "scoring_func", "moe_router_score_function", "rout
 _ROUTER_NAME = re.compile(r"router|gate|gating", re.IGNORECASE)
 
 
-def _score_func(*objs: Any) -> ScoreFunc:
-    for obj in objs:
+@functools.cache
+def _forward_is_sigmoid(cls: type) -> bool:
+    """transformers routers hard-code their score function in ``forward`` (Llama4: sigmoid, no softmax);
+    read the names its bytecode uses."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    return "sigmoid" in names and "softmax" not in names
+
+
+def _score_func(module: nn.Module, *others: Any) -> ScoreFunc:
+    for obj in (module, *others):
         if obj is None:
             continue
         if hasattr(obj, "e_score_correction_bias"):  # DeepSeek-V3 / GLM4-MoE: sigmoid scores + bias
@@ -35,7 +46,7 @@ def _score_func(*objs: Any) -> ScoreFunc:
                 v = getattr(holder, attr, None)
                 if isinstance(v, str) and v.lower() == "sigmoid":
                     return "sigmoid"
-    return "softmax"
+    return "sigmoid" if _forward_is_sigmoid(type(module)) else "softmax"
 
 
 def _router_weight_experts(module: nn.Module) -> int | None:
@@ -63,7 +74,7 @@ def _read_hf(spec: RouterSpec):
         if isinstance(out, tuple) and len(out) == 2:
             # Llama4: (router_scores_TE, router_logits_TE), sigmoid of the top-k logits.
             logits = out[1]
-            return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func="sigmoid")
+            return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func=sf)
         raise TypeError(
             f"unrecognised output of {type(module).__name__}: expected (logits, scores, indices) or "
             f"(scores, logits), got {type(out).__name__}"
@@ -95,12 +106,22 @@ def _read_switch(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOu
     return RouterOutput(indices_TK=indices, logits_TE=logits, dropped=dropped)
 
 
+def _read_top2_capacity(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+    # NLLB-MoE: (top_1_mask, combine weights [T, E] after capacity, logits). The second expert may be
+    # sampled, so the non-zero combine weights are the only record of the choice (after capacity).
+    _, weights_TE, logits = out
+    return RouterOutput(routing_map_TE=weights_TE != 0, logits_TE=logits)
+
+
 def match_switch(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    """Capacity-based routers holding a ``classifier`` Linear: Switch (top-1), NLLB-MoE (top-2)."""
     clf = getattr(module, "classifier", None)
     if not (_ROUTER_NAME.search(type(module).__name__) and isinstance(clf, nn.Linear)):
         return None
     if not hasattr(module, "expert_capacity"):
         return None
+    if hasattr(module, "second_expert_policy"):
+        return RouterSpec(name, module, module, "nllb", clf.out_features, 2, _read_top2_capacity)
     return RouterSpec(name, module, module, "switch", clf.out_features, 1, _read_switch)
 
 
@@ -132,10 +153,26 @@ def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cf
 # --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks -----------------------------------------
 
 
-def _read_megatron(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
-    # (probs_TE, routing_map_TE); probs are zero outside the top-k, so entropy falls back to loads.
-    _, routing_map = out
-    return RouterOutput(routing_map_TE=routing_map)
+def _recomputed_logits(module: nn.Module, args: tuple[Any, ...], weight: torch.Tensor) -> torch.Tensor | None:
+    """Router logits for routers that return none: one extra [T, H] x [H, E] product, the size of the
+    gating itself (input jitter, if any, is not reproduced)."""
+    if not args or not isinstance(args[0], torch.Tensor):
+        return None
+    x = args[0].detach()
+    return F.linear(x.reshape(-1, x.shape[-1]), weight.detach().to(x.dtype))
+
+
+def _read_megatron(spec: RouterSpec):
+    sf = spec.score_func
+
+    def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        # (probs_TE zero outside the top-k, routing_map_TE bool): probs are no distribution, so the
+        # probability vector comes from logits recomputed with the router's own weight.
+        _, routing_map = out
+        logits = _recomputed_logits(module, args, module.weight)
+        return RouterOutput(routing_map_TE=routing_map, logits_TE=logits, score_func=sf)
+
+    return read
 
 
 def match_megatron(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
@@ -145,18 +182,34 @@ def match_megatron(name: str, module: nn.Module, parent: nn.Module | None, cfg: 
     if not re.search(r"router", type(module).__name__, re.IGNORECASE):
         return None
     e, k = int(mcfg.num_moe_experts), int(mcfg.moe_router_topk)
-    return RouterSpec(name, module, module, "megatron", e, k, _read_megatron, _score_func(module))
+    if _router_weight_experts(module) != e:
+        return None
+    spec = RouterSpec(name, module, module, "megatron", e, k, _noop, _score_func(module))
+    spec.extract = _read_megatron(spec)
+    return spec
+
+
+def _read_deepspeed(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+    # (l_aux, combine_weights_SEC, dispatch_mask_SEC, exp_counts_E), or with Tutel
+    # (l_aux, C, E, [indices_S], [locations_S], [gates_S], exp_counts_E). exp_counts are the gating
+    # decisions before capacity, with RSample noise and top-2 Gumbel sampling: a top-k of the logits
+    # would not reproduce them. TopKGate calls F.linear on wg.weight, so wg's own hooks never fire.
+    counts_E = out[-1]
+    x = args[0]
+    dropped = counts_E.sum() - out[2].sum() if len(out) == 4 else None
+    logits = _recomputed_logits(module, args, module.wg.weight)
+    return RouterOutput(
+        counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_TE=logits, dropped=dropped
+    )
 
 
 def match_deepspeed(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
-    """DeepSpeed ``TopKGate``: hook its ``wg`` Linear and take the top-k of its logits."""
+    """DeepSpeed ``TopKGate``: a ``wg`` Linear [H -> E] and an int ``k``."""
     wg = getattr(module, "wg", None)
     k = getattr(module, "k", None)
     if not isinstance(wg, nn.Linear) or not isinstance(k, int) or "gate" not in type(module).__name__.lower():
         return None
-    spec = RouterSpec(name, module, wg, "deepspeed", wg.out_features, k, _noop)
-    spec.extract = _read_logits_only(spec)
-    return spec
+    return RouterSpec(name, module, module, "deepspeed", wg.out_features, k, _read_deepspeed)
 
 
 def _read_torchtitan(spec: RouterSpec):
