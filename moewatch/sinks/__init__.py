@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from moewatch.alerting.sink import make_alert_sink
 from moewatch.config import MoEWatchConfig
 from moewatch.exporter.sink import prometheus_sink
 from moewatch.sinks.base import Sink
@@ -27,6 +28,7 @@ def _console(cfg: MoEWatchConfig) -> Sink | None:
 #: Each factory returns a sink for the config, or None when that sink is off. Order is emit order.
 SINK_FACTORIES: list[Callable[[MoEWatchConfig], Sink | None]] = [_jsonl, _console]
 SINK_FACTORIES.append(prometheus_sink)  # Prometheus /metrics + Pushgateway (moewatch.exporter)
+SINK_FACTORIES.append(make_alert_sink)  # alerts to Slack / PagerDuty / webhook / log (moewatch.alerting)
 
 
 def build_sinks(cfg: MoEWatchConfig) -> list[Sink]:

@@ -1,0 +1,155 @@
+"""What the engine hands to notifiers: immutable alert snapshots grouped into one notification."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+
+from moewatch.alerting.settings import AlertCondition, Severity
+
+__all__ = ["Alert", "MetricValue", "Notification", "fingerprint", "rfc3339"]
+
+ALERT_NAMES = {
+    AlertCondition.COLLAPSED: "MoEWatchLayerCollapsed",
+    AlertCondition.WARNING: "MoEWatchLayerWarning",
+    AlertCondition.DEAD_EXPERTS: "MoEWatchDeadExperts",
+    AlertCondition.NONFINITE: "MoEWatchRouterNonFinite",
+}
+
+
+def fingerprint(labels: dict[str, str]) -> str:
+    """16 hex digits identifying a label set (like Alertmanager's fingerprint)."""
+    text = "\xff".join(f"{k}\xfe{labels[k]}" for k in sorted(labels))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rfc3339(ts: float | None) -> str:
+    """Alertmanager's time format; ``None`` is Go's zero time (an alert still firing)."""
+    if ts is None:
+        return "0001-01-01T00:00:00Z"
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class MetricValue:
+    """One metric against its thresholds; ``higher_is_worse`` says which way the comparison goes."""
+
+    name: str
+    value: float | None
+    warning: float
+    collapsed: float
+    higher_is_worse: bool = True
+
+    def describe(self) -> str:
+        if self.value is None:
+            return f"{self.name} n/a"
+        op_w, op_c = (">=", ">") if self.higher_is_worse else ("<=", "<")
+        return f"{self.name} {self.value:.3g} (warning {op_w} {self.warning:g}, collapsed {op_c} {self.collapsed:g})"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert at one evaluation. ``status`` is ``firing`` or ``resolved``."""
+
+    condition: AlertCondition
+    severity: Severity
+    status: str
+    run: str
+    layer: int
+    module: str
+    summary: str
+    description: str
+    starts_at: float
+    ends_at: float | None
+    step: int
+    window: int
+    fingerprint: str
+    incident: str
+    layer_state: str = ""
+    reasons: tuple[str, ...] = ()
+    metrics: tuple[MetricValue, ...] = ()
+    dead_expert_ids: tuple[int, ...] = ()
+    new_dead_expert_ids: tuple[int, ...] = ()
+    nonfinite: int = 0
+    generator_url: str = ""
+
+    @property
+    def name(self) -> str:
+        return ALERT_NAMES[self.condition]
+
+    @property
+    def dedup_key(self) -> str:
+        """Stable for one incident (fire .. resolve) of this alert; a later incident gets a new one."""
+        return f"moewatch-{self.fingerprint}-{self.incident}"
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {
+            "alertname": self.name,
+            "run": self.run,
+            "layer": str(self.layer),
+            "module": self.module,
+            "condition": self.condition.value,
+            "severity": self.severity.value,
+        }
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        out = {"summary": self.summary, "description": self.description}
+        if self.dead_expert_ids:
+            out["dead_expert_ids"] = ",".join(map(str, self.dead_expert_ids))
+        return out
+
+
+@dataclass(frozen=True)
+class Notification:
+    """Everything one evaluation has to say about one run: the group's firing alerts plus the ones that
+    resolved now. ``changed`` holds the fingerprints that are new, updated or resolved in this evaluation;
+    when it is empty the notification is a repeat of still-firing alerts."""
+
+    run: str
+    window: int
+    step: int
+    time: float
+    alerts: tuple[Alert, ...]
+    changed: frozenset[str] = field(default_factory=frozenset)
+    grafana_url: str | None = None
+    external_url: str | None = None
+    test: bool = False
+    incident: str = ""  # the receiving notifier's group incident (PagerDuty dedup_key), set by the sink
+
+    @property
+    def firing(self) -> list[Alert]:
+        return [a for a in self.alerts if a.status == "firing"]
+
+    @property
+    def resolved(self) -> list[Alert]:
+        return [a for a in self.alerts if a.status == "resolved"]
+
+    @property
+    def changed_alerts(self) -> list[Alert]:
+        return [a for a in self.alerts if a.fingerprint in self.changed]
+
+    @property
+    def is_repeat(self) -> bool:
+        return not self.changed
+
+    @property
+    def status(self) -> str:
+        return "firing" if self.firing else "resolved"
+
+    @property
+    def group_key(self) -> str:
+        return f'{{}}:{{run="{self.run}"}}'
+
+    def only(self, conditions: list[AlertCondition] | set[AlertCondition]) -> Notification | None:
+        """The part of this notification a notifier subscribed to ``conditions`` receives, or None."""
+        wanted = set(conditions)
+        alerts = tuple(a for a in self.alerts if a.condition in wanted)
+        if not alerts:
+            return None
+        changed = frozenset(a.fingerprint for a in alerts if a.fingerprint in self.changed)
+        if self.changed and not changed:
+            return None  # nothing this notifier cares about changed, and it is not a repeat
+        return replace(self, alerts=alerts, changed=changed)
