@@ -101,6 +101,10 @@ class PagerDutyNotifier:
         event = pagerduty_event(notification, self._key)
         return [HttpRequest(self._url, event, label=f"{event['event_action']} {event['dedup_key']}")]
 
+    def resolve_request(self, dedup_key: str) -> HttpRequest:
+        event = {"routing_key": self._key, "event_action": "resolve", "dedup_key": dedup_key}
+        return HttpRequest(self._url, event, label=f"resolve {dedup_key}")
+
     def secrets(self) -> list[str]:
         return [self._key]
 

@@ -33,19 +33,36 @@ def _common(dicts: list[dict[str, str]]) -> dict[str, str]:
     return {k: v for k, v in first.items() if all(d.get(k) == v for d in dicts[1:])}
 
 
+def _test_alert(n: Notification) -> dict[str, Any]:
+    return {
+        "status": "firing",
+        "labels": {"alertname": "MoEWatchTest", "run": n.run, "severity": "info"},
+        "annotations": {"summary": f"moewatch test notification for run {n.run}"},
+        "startsAt": rfc3339(n.time),
+        "endsAt": rfc3339(None),
+        "generatorURL": n.grafana_url or "",
+        "fingerprint": "0" * 16,
+    }
+
+
 def alertmanager_payload(n: Notification, receiver: str = "moewatch", max_alerts: int = 0) -> dict[str, Any]:
-    alerts = list(n.alerts)
     if n.test:
-        alerts = []
+        test = _test_alert(n)
+        return {
+            "version": "4", "groupKey": n.group_key, "truncatedAlerts": 0, "status": "firing",
+            "receiver": receiver, "groupLabels": {"run": n.run}, "commonLabels": test["labels"],
+            "commonAnnotations": test["annotations"], "externalURL": n.external_url or "", "alerts": [test],
+        }
+    alerts = list(n.alerts)
     kept = alerts[:max_alerts] if max_alerts else alerts
     return {
         "version": "4",
         "groupKey": n.group_key,
         "truncatedAlerts": len(alerts) - len(kept),
-        "status": n.status if not n.test else "firing",
+        "status": n.status,
         "receiver": receiver,
         "groupLabels": {"run": n.run},
-        "commonLabels": _common([a.labels for a in alerts]) if alerts else {"run": n.run},
+        "commonLabels": _common([a.labels for a in alerts]),
         "commonAnnotations": _common([a.annotations for a in alerts]),
         "externalURL": n.external_url or "",
         "alerts": [_am_alert(a) for a in kept],
