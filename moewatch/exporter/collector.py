@@ -133,6 +133,7 @@ class MoEWatchCollector(Collector):
         self._monitor: Callable[[], Any] = lambda: None
         self._push_stats: Callable[[], dict[str, int]] | None = None
         self._build = _versions()
+        self._stats_failed: set[int] = set()
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -224,8 +225,10 @@ class MoEWatchCollector(Collector):
                         for outcome, n in outcomes.items():
                             key = (str(notifier), str(outcome))
                             totals[key] = totals.get(key, 0) + int(n)
-                except Exception:  # noqa: BLE001 - a broken sink must not break the scrape
-                    log.exception("moewatch: delivery_stats() of %s failed", type(sink).__name__)
+                except Exception as exc:  # noqa: BLE001 - a broken sink must not break the scrape
+                    if id(sink) not in self._stats_failed:
+                        self._stats_failed.add(id(sink))
+                        log.warning("moewatch: delivery_stats() of %s failed: %r", type(sink).__name__, exc)
             for (notifier, outcome), n in sorted(totals.items()):
                 fam.add_metric([self.run, notifier, outcome], n)
         yield fam
