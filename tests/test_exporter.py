@@ -11,12 +11,12 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
+from promhelpers import ToyMoE, free_port, layer_report, window_report
 
 import moewatch
 from moewatch.exporter import PrometheusConfig, PrometheusExporter, PushgatewayConfig
 from moewatch.exporter.collector import LAYER_GAUGES
 from moewatch.report import HealthState
-from promhelpers import ToyMoE, free_port, layer_report, window_report
 
 
 def scrape(url: str, **kw: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
