@@ -1,0 +1,153 @@
+"""The ``moewatch`` command: ``moewatch demo`` and the subcommands other modules register."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from moewatch.config import ConfigError
+from moewatch.report import HealthState
+
+__all__ = ["main"]
+
+_STYLE = {"healthy": "green", "warning": "yellow", "collapsed": "bold red", "insufficient_data": "dim"}
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train a small MoE on the CPU with moewatch attached",
+        description="Train a small real PyTorch MoE on synthetic data with moewatch attached. --balance none "
+        "reproduces the seed's router collapse; bias and aux keep it balanced.",
+    )
+    p.add_argument("--experts", type=_positive(int), default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=_positive(int), default=2, help="experts per token (default 2)")
+    p.add_argument("--layers", type=_positive(int), default=2, help="MoE layers (default 2)")
+    p.add_argument("--tokens-per-step", type=_positive(int), default=64, help="tokens per step (default 64)")
+    p.add_argument("--steps", type=_positive(int), default=300, help="optimizer steps (default 300)")
+    p.add_argument("--window", type=_positive(int), default=10, help="steps per moewatch window (default 10)")
+    p.add_argument(
+        "--balance",
+        choices=("none", "bias", "aux"),
+        default="none",
+        help="none: winners pushed up (collapse); bias: the sign flipped (aux-loss-free); aux: Switch aux loss",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--jsonl", type=Path, default=None, help="JSONL log path (default ./moewatch-runs/<run>/)")
+    p.add_argument("--no-console", action="store_true", help="no live table")
+    p.add_argument("--step-delay", type=float, default=0.0, help="sleep this many seconds after each step")
+    p.add_argument("--linger", type=float, default=0.0, help="keep serving metrics this long after training")
+    p.add_argument("--config", type=Path, default=None, help="moewatch config file (TOML or YAML)")
+    p.set_defaults(func=_run_demo)
+
+
+def _summary(result: object, balance: str, out: Console) -> None:
+    from moewatch.demo.run import DemoResult
+
+    assert isinstance(result, DemoResult)
+    last = result.reports[-1] if result.reports else None
+    if last is None:
+        out.print("no window completed")
+        return
+    table = Table(title=f"moewatch demo summary (--balance {balance}, {len(result.reports)} windows)")
+    for col in ("layer", "final state", "load CV", "top-2 share", "dead", "entropy", "first collapsed at step"):
+        table.add_column(col)
+    for layer in last.layers:
+        first = next(
+            (r.step_end for r in result.reports if r.layers[layer.index].state is HealthState.COLLAPSED), None
+        )
+        table.add_row(
+            str(layer.index),
+            f"[{_STYLE[layer.state.value]}]{layer.state.value}[/]",
+            f"{layer.load_cov:.3f}" if layer.load_cov is not None else "-",
+            f"{layer.top2_share:.1%}" if layer.top2_share is not None else "-",
+            f"{layer.dead_experts}/{layer.num_experts} {layer.dead_expert_ids if layer.dead_experts else ''}",
+            f"{layer.norm_entropy:.3f}" if layer.norm_entropy is not None else "-",
+            str(first) if first is not None else "never",
+        )
+    out.print(table)
+    worst_cov = max((layer.load_cov or 0.0) for r in result.reports[1:] for layer in r.layers) if len(
+        result.reports
+    ) > 1 else 0.0
+    states = ", ".join(f"{s.value}={sum(r.state is s for r in result.reports)}" for s in HealthState)
+    out.print(f"windows by run state: {states}; worst load CV after the first window: {worst_cov:.3f}")
+    out.print(f"trained {result.reports[-1].step_end} steps in {result.seconds:.1f} s")
+    if result.jsonl_path:
+        out.print(f"JSONL log: {result.jsonl_path}")
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from moewatch.demo.run import DemoOptions, run_demo
+
+    opts = DemoOptions(
+        experts=args.experts,
+        top_k=args.top_k,
+        layers=args.layers,
+        tokens_per_step=args.tokens_per_step,
+        steps=args.steps,
+        window=args.window,
+        balance=args.balance,
+        seed=args.seed,
+        jsonl=args.jsonl,
+        console=not args.no_console,
+        step_delay=args.step_delay,
+        linger=args.linger,
+        config_file=args.config,
+    )
+    result = run_demo(opts)
+    _summary(result, args.balance, Console())
+    return 0
+
+
+def _register_plugins(sub: argparse._SubParsersAction) -> None:
+    try:
+        from moewatch.alerting import cli as alerting_cli
+    except ImportError:
+        return
+    register = getattr(alerting_cli, "register", None)
+    if register is not None:
+        register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moewatch", description="Router-health monitoring for MoE training.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _register_plugins(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except (ConfigError, ValueError) as exc:
+        print(f"moewatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The demo MoE and its training loop (``moewatch demo``)."""
