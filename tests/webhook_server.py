@@ -38,9 +38,9 @@ class Hit:
 
 
 class WebhookServer:
-    def __init__(self, script: list[Behaviour] | None = None, default: Behaviour = ok()) -> None:
+    def __init__(self, script: list[Behaviour] | None = None, default: Behaviour | None = None) -> None:
         self.script = list(script or [])
-        self.default = default
+        self.default = default or ok()
         self.hits: list[Hit] = []
         self._lock = threading.Lock()
         self._release = threading.Event()

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import requests
 
 from moewatch.alerting.model import Notification
+from moewatch.alerting.security import redact, register_secrets
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 
 __all__ = [
@@ -115,19 +116,6 @@ class DeliveryResult:
     body: str
     attempts: int
     error: str | None = None
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """Replace every secret (and, for URLs, their path) in ``text`` by ``<redacted>``."""
-    for s in secrets:
-        if not s:
-            continue
-        text = text.replace(s, "<redacted>")
-        if "://" in s:
-            path = s.split("://", 1)[1].partition("/")[2]
-            if len(path) > 1:
-                text = text.replace("/" + path, "/<redacted>")
-    return text
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -233,6 +221,7 @@ class DeliveryWorker:
         session: requests.Session | None = None,
     ) -> None:
         self.notifier = notifier
+        register_secrets(notifier.secrets())
         self.policy = policy
         self.stats = DeliveryStats()
         self._queue: deque[Notification] = deque()

@@ -12,7 +12,7 @@ from moewatch.alerting.delivery import DeliveryWorker, HttpNotifier, RetryPolicy
 from moewatch.alerting.engine import AlertEngine
 from moewatch.alerting.model import Notification
 from moewatch.alerting.notifiers import LogNotifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
-from moewatch.alerting.security import check_url
+from moewatch.alerting.security import check_url, register_secrets
 from moewatch.alerting.settings import AlertsConfig
 from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
 from moewatch.report import WindowReport
@@ -46,6 +46,7 @@ def build_notifiers(cfg: AlertsConfig) -> list[HttpNotifier]:
         check_url("alerts.webhook_url", url, insecure)
         token = cfg.webhook_bearer_token.get_secret_value() if cfg.webhook_bearer_token else None
         out.append(WebhookNotifier(url, cfg.webhook_conditions, cfg.receiver, cfg.webhook_max_alerts, token))
+    register_secrets([s for n in out for s in n.secrets()])
     return out
 
 
