@@ -114,12 +114,14 @@ class MoEWatchConfig(BaseSettings):
     dead_fraction: float = Field(
         0.01, ge=0, le=1, description="An expert is dead when its load is below this fraction of the fair share."
     )
-    thresholds: Thresholds = Field(default_factory=Thresholds)
-    jsonl: JsonlConfig = Field(default_factory=JsonlConfig)
-    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
-    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig)
-    pushgateway: PushgatewayConfig = Field(default_factory=PushgatewayConfig)
-    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    thresholds: Thresholds = Field(default_factory=Thresholds, description="Health thresholds per metric.")
+    jsonl: JsonlConfig = Field(default_factory=JsonlConfig, description="The local JSONL log.")
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig, description="The console table.")
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="The /metrics endpoint.")
+    pushgateway: PushgatewayConfig = Field(
+        default_factory=PushgatewayConfig, description="Optional push to a Prometheus Pushgateway."
+    )
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="Alert rules and notifiers.")
 
     routers: list[str] | Callable[[str, Any], bool] | None = Field(
         None,

@@ -82,6 +82,7 @@ class Monitor:
         self._closed = False
         self._manual_steps = False
         self._root_handle: Any = None
+        self._root_forwards = 0
         self._model_ref = weakref.ref(model)
 
         for i, spec in enumerate(specs):
@@ -98,7 +99,9 @@ class Monitor:
                 )
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self._advance()))
         else:
-            self._root_handle = model.register_forward_hook(self._on_root_forward)
+            # Fallback step source: each training forward of the root module after the first starts a new
+            # step (so a user who calls step() after the first forward never gets a double count).
+            self._root_handle = model.register_forward_pre_hook(self._on_root_forward)
         _ATTACHED[model] = self
         for sink in self._sinks:
             self._bind(sink)
@@ -126,6 +129,8 @@ class Monitor:
             if self._root_handle is not None:
                 self._root_handle.remove()
                 self._root_handle = None
+                # Forwards counted as steps before the user's first step() were micro-batches of this step.
+                self._step = self._window_start_step
         return self._advance()
 
     def flush(self) -> WindowReport:
@@ -228,13 +233,15 @@ class Monitor:
     @staticmethod
     def _make_stash(spec: RouterSpec) -> Callable[..., None]:
         def stash(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            spec.extra["stash"] = output
+            spec.extra["stash"] = output.detach()  # read by the router's hook; never keep the graph alive
 
         return stash
 
-    def _on_root_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _on_root_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if module.training and not self._manual_steps and not _in_backward():
-            self._advance()
+            if self._root_forwards:
+                self._advance()
+            self._root_forwards += 1
 
     def _advance(self) -> WindowReport | None:
         if self._closed:
