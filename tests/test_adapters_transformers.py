@@ -111,72 +111,131 @@ _DEEPSEEK = dict(
 CASES: dict[str, Case] = {
     "mixtral": Case(
         _causal("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-        _names("model.layers.{}.mlp.gate"), 4, 2,
+        _names("model.layers.{}.mlp.gate"),
+        4,
+        2,
     ),
     "qwen2_moe": Case(
         _causal(
-            "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=16, shared_expert_intermediate_size=16,
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=16,
         ),
-        _names("model.layers.{}.mlp.gate"), 4, 2,
+        _names("model.layers.{}.mlp.gate"),
+        4,
+        2,
     ),
     "qwen3_moe": Case(
         _causal(
-            "Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
-            moe_intermediate_size=16, head_dim=16,
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            head_dim=16,
         ),
-        _names("model.layers.{}.mlp.gate"), 4, 2,
+        _names("model.layers.{}.mlp.gate"),
+        4,
+        2,
     ),
     "olmoe": Case(
         _causal("OlmoeConfig", "OlmoeForCausalLM", num_experts=4, num_experts_per_tok=2, eos_token_id=1),
-        _names("model.layers.{}.mlp.gate"), 4, 2,
+        _names("model.layers.{}.mlp.gate"),
+        4,
+        2,
     ),
     "deepseek_v3": Case(
         _causal("DeepseekV3Config", "DeepseekV3ForCausalLM", **_DEEPSEEK),
-        _names("model.layers.{}.mlp.gate"), 8, 2, score_func="sigmoid",
+        _names("model.layers.{}.mlp.gate"),
+        8,
+        2,
+        score_func="sigmoid",
     ),
     "glm4_moe": Case(
         _causal(
-            "Glm4MoeConfig", "Glm4MoeForCausalLM", n_routed_experts=8, num_experts_per_tok=2, n_group=2,
-            topk_group=1, moe_intermediate_size=16, first_k_dense_replace=0, head_dim=16,
+            "Glm4MoeConfig",
+            "Glm4MoeForCausalLM",
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            moe_intermediate_size=16,
+            first_k_dense_replace=0,
+            head_dim=16,
         ),
-        _names("model.layers.{}.mlp.gate"), 8, 2, score_func="sigmoid",
+        _names("model.layers.{}.mlp.gate"),
+        8,
+        2,
+        score_func="sigmoid",
     ),
     "gpt_oss": Case(
         _causal("GptOssConfig", "GptOssForCausalLM", num_local_experts=4, num_experts_per_tok=2, head_dim=16),
-        _names("model.layers.{}.mlp.router"), 4, 2,
+        _names("model.layers.{}.mlp.router"),
+        4,
+        2,
     ),
     "granitemoe": Case(
         _causal("GraniteMoeConfig", "GraniteMoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-        _names("model.layers.{}.block_sparse_moe.router"), 4, 2,
+        _names("model.layers.{}.block_sparse_moe.router"),
+        4,
+        2,
     ),
     "phimoe": Case(
         _causal("PhimoeConfig", "PhimoeForCausalLM", num_local_experts=4, num_experts_per_tok=2),
-        _names("model.layers.{}.mlp.router"), 4, 2,
+        _names("model.layers.{}.mlp.router"),
+        4,
+        2,
     ),
     "minimax": Case(
-        _causal("MiniMaxConfig", "MiniMaxForCausalLM", num_local_experts=4, num_experts_per_tok=2, head_dim=16),
-        _names("model.layers.{}.mlp.gate"), 4, 2,
+        _causal(
+            "MiniMaxConfig", "MiniMaxForCausalLM", num_local_experts=4, num_experts_per_tok=2, head_dim=16
+        ),
+        _names("model.layers.{}.mlp.gate"),
+        4,
+        2,
     ),
     "jamba": Case(
         _causal(
-            "JambaConfig", "JambaForCausalLM", num_experts=4, num_experts_per_tok=2, expert_layer_period=1,
-            expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1,
+            "JambaConfig",
+            "JambaForCausalLM",
+            num_experts=4,
+            num_experts_per_tok=2,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
         ),
-        _names("model.layers.{}.feed_forward.router"), 4, 2,
+        _names("model.layers.{}.feed_forward.router"),
+        4,
+        2,
     ),
     "llama4": Case(
         _causal(
-            "Llama4TextConfig", "Llama4ForCausalLM", num_local_experts=4, num_experts_per_tok=1,
-            intermediate_size_mlp=32, head_dim=16,
+            "Llama4TextConfig",
+            "Llama4ForCausalLM",
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            intermediate_size_mlp=32,
+            head_dim=16,
         ),
-        _names("model.layers.{}.feed_forward.router"), 4, 1, output="llama4", score_func="sigmoid",
+        _names("model.layers.{}.feed_forward.router"),
+        4,
+        1,
+        output="llama4",
+        score_func="sigmoid",
     ),
     "dbrx": Case(_dbrx, _names("transformer.blocks.{}.ffn.router"), 4, 2, output="logits", family="logits"),
     "switch": Case(
         _switch,
         _names("encoder.block.{}.layer.1.mlp.router") + _names("decoder.block.{}.layer.2.mlp.router"),
-        4, 1, output="switch", family="switch", encoder_decoder=True,
+        4,
+        1,
+        output="switch",
+        family="switch",
+        encoder_decoder=True,
     ),
 }
 
@@ -232,9 +291,12 @@ def _chosen_TK(case: Case, out: Any) -> torch.Tensor:
 
 
 def _logits_TE(case: Case, out: Any) -> torch.Tensor:
-    return {"indices": lambda: out[0], "llama4": lambda: out[1], "logits": lambda: out, "switch": lambda: out[2]}[
-        case.output
-    ]()
+    return {
+        "indices": lambda: out[0],
+        "llama4": lambda: out[1],
+        "logits": lambda: out,
+        "switch": lambda: out[2],
+    }[case.output]()
 
 
 class Reference:

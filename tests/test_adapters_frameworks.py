@@ -1,0 +1,581 @@
+"""Router discovery and exact counting for Megatron-Core, DeepSpeed, torchtitan and MegaBlocks
+(interface-faithful replicas in ``tests/frameworks``), plain ``nn.Linear`` gates, custom extractors, and the error paths.
+
+Legend: ``T`` tokens, ``E`` experts, ``K`` top-k, ``H`` hidden size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from frameworks import deepspeed, megablocks, megatron, torchtitan
+from torch import nn
+
+import moewatch
+
+H, BATCH, SEQ = 16, 2, 12
+TOKENS = BATCH * SEQ
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _attach(model: nn.Module, **kw: Any) -> moewatch.Monitor:
+    opts: dict[str, Any] = dict(
+        window_steps=1000,
+        console={"enabled": False},
+        jsonl={"enabled": False},
+        prometheus={"enabled": False},
+        min_fair_share=0,
+        strict=True,
+    )
+    return moewatch.attach(model, **{**opts, **kw})
+
+
+class Stack(nn.Module):
+    """Residual stack of MoE layers: routers are ``layers.<i>.<...>``."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _x(seed: int) -> torch.Tensor:
+    return torch.randn(BATCH, SEQ, H, generator=torch.Generator().manual_seed(seed))
+
+
+class Recorder:
+    """Our own forward hooks: expert counts (``bincount`` of what ``chosen(out)`` returns) and logits."""
+
+    def __init__(
+        self,
+        modules: list[nn.Module],
+        num_experts: int,
+        chosen: Callable[[Any], torch.Tensor],
+        logits: Callable[[nn.Module, tuple[Any, ...], Any], torch.Tensor] | None = None,
+    ) -> None:
+        self.counts = [torch.zeros(num_experts, dtype=torch.int64) for _ in modules]
+        self.logits: list[list[torch.Tensor]] = [[] for _ in modules]
+        self.num_experts = num_experts
+        self.handles = [m.register_forward_hook(self._hook(i, chosen, logits)) for i, m in enumerate(modules)]
+
+    def _hook(self, i: int, chosen: Callable[[Any], torch.Tensor], logits: Any) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            with torch.no_grad():
+                ids = chosen(out).reshape(-1)
+                self.counts[i] += torch.bincount(ids, minlength=self.num_experts)
+                if logits is not None:
+                    self.logits[i].append(logits(module, args, out).detach().double())
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def loads(self) -> list[list[int]]:
+        return [c.tolist() for c in self.counts]
+
+
+def _run(model: nn.Module, watch: moewatch.Monitor, steps: int = 3) -> moewatch.WindowReport:
+    for seed in range(steps):
+        model(_x(seed))
+    return watch.flush()
+
+
+def _norm_entropy(probs_TE: torch.Tensor) -> float:
+    p = probs_TE.double().mean(dim=0)
+    return float(-(p * p.log()).sum() / math.log(p.numel()))
+
+
+def _probs(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
+    if score_func == "sigmoid":
+        s = logits_TE.sigmoid()
+        return s / s.sum(dim=-1, keepdim=True)
+    return logits_TE.softmax(dim=-1)
+
+
+# --- Megatron-Core -------------------------------------------------------------------------------------
+
+
+def _megatron_logits(module: nn.Module, args: tuple[Any, ...], out: Any) -> torch.Tensor:
+    return F.linear(args[0].reshape(-1, H), module.weight)
+
+
+@pytest.mark.parametrize(
+    ("score_function", "capacity_factor"), [("softmax", None), ("sigmoid", None), ("softmax", 1.0)]
+)
+def test_megatron_topk_router(score_function: str, capacity_factor: float | None) -> None:
+    torch.manual_seed(0)
+    cfg = megatron.TransformerConfig(
+        hidden_size=H,
+        num_moe_experts=6,
+        moe_router_topk=2,
+        moe_router_score_function=score_function,
+        moe_router_enable_expert_bias=score_function == "sigmoid",
+        moe_expert_capacity_factor=capacity_factor,
+    )
+    model = Stack([megatron.MoELayer(cfg) for _ in range(2)])
+    if score_function == "sigmoid":
+        model.layers[0].router.expert_bias[3] = 5.0  # biased selection: not a plain top-k of the scores
+    routers = [layer.router for layer in model.layers]
+    ref = Recorder(routers, 6, lambda out: out[1].nonzero()[:, 1], _megatron_logits)
+    watch = _attach(model)
+    report = _run(model, watch)
+    watch.close()
+    ref.remove()
+    assert [(r.module, r.family, r.num_experts, r.top_k, r.score_func) for r in watch.routers] == [
+        (f"layers.{i}.router", "megatron", 6, 2, score_function) for i in range(2)
+    ]
+    assert [layer.loads for layer in report.layers] == ref.loads()
+    if score_function == "sigmoid":
+        assert ref.loads()[0][3] == 3 * TOKENS  # the bias really steered every token to expert 3
+    if capacity_factor is not None:
+        assert sum(ref.loads()[0]) < 3 * TOKENS * 2  # capacity dropped assignments; the map reflects it
+    for i, layer in enumerate(report.layers):
+        assert layer.tokens == 3 * TOKENS
+        probs = _probs(torch.cat(ref.logits[i]), score_function)
+        assert layer.entropy_source == "probs"
+        assert layer.norm_entropy == pytest.approx(_norm_entropy(probs), abs=2e-6)
+
+
+# --- DeepSpeed -----------------------------------------------------------------------------------------
+
+
+def _deepspeed_model(k: int, **gate_kw: Any) -> Stack:
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(2):
+        gate = deepspeed.TopKGate(H, 4, k=k, capacity_factor=1.0, min_capacity=2, **gate_kw)
+        nn.init.normal_(gate.wg.weight, std=0.5)
+        layers.append(deepspeed.MOELayer(gate, deepspeed.Experts(H, 4), num_local_experts=4))
+    return Stack(layers)
+
+
+@pytest.mark.parametrize(
+    ("k", "gate_kw"),
+    [(1, {"noisy_gate_policy": "RSample"}), (2, {}), (3, {}), (2, {"top2_2nd_expert_sampling": False})],
+    ids=["top1-rsample", "top2-gumbel", "top3", "top2-plain"],
+)
+def test_deepspeed_topk_gate(k: int, gate_kw: dict[str, Any]) -> None:
+    model = _deepspeed_model(k, **gate_kw)
+    gates = [layer.gate for layer in model.layers]
+    ref_counts = [torch.zeros(4, dtype=torch.int64) for _ in gates]
+    dispatched = [0, 0]
+    logits: list[list[torch.Tensor]] = [[], []]
+
+    def record(i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            ref_counts[i] += out[3]
+            dispatched[i] += int(out[2].sum())
+            logits[i].append(F.linear(args[0].double(), module.wg.weight.double()).detach())
+
+        return hook
+
+    handles = [g.register_forward_hook(record(i)) for i, g in enumerate(gates)]
+    watch = _attach(model)
+    assert [(r.module, r.family, r.num_experts, r.top_k) for r in watch.routers] == [
+        (f"layers.{i}.gate", "deepspeed", 4, k) for i in range(2)
+    ]
+    layer_counts = [torch.zeros(4, dtype=torch.int64) for _ in gates]
+    for seed in range(3):
+        model(_x(seed))
+        for i, layer in enumerate(model.layers):
+            layer_counts[i] += layer.exp_counts  # what MOELayer itself kept of this call
+    report = watch.flush()
+    watch.close()
+    for h in handles:
+        h.remove()
+    assert [layer.loads for layer in report.layers] == [c.tolist() for c in layer_counts]
+    assert [c.tolist() for c in ref_counts] == [c.tolist() for c in layer_counts]
+    for i, layer in enumerate(report.layers):
+        assert layer.tokens == 3 * TOKENS and layer.assignments == 3 * TOKENS * k
+        total = layer.assignments
+        expected = pytest.approx((total - dispatched[i]) / total, abs=1e-6) if total > dispatched[i] else None
+        assert layer.dropped_ratio == expected
+        assert layer.norm_entropy == pytest.approx(_norm_entropy(torch.cat(logits[i]).softmax(-1)), abs=2e-6)
+    if not gate_kw.get("top2_2nd_expert_sampling", True) or k == 3:
+        # Deterministic gating: the counts are the top-k of the logits.
+        top = [
+            torch.bincount(torch.cat(lg).topk(k, dim=-1).indices.reshape(-1), minlength=4) for lg in logits
+        ]
+        assert [layer.loads for layer in report.layers] == [t.tolist() for t in top]
+
+
+def test_deepspeed_wg_is_not_hooked_on_its_own() -> None:
+    """TopKGate computes F.linear(input, wg.weight): a hook on ``wg`` would never fire."""
+    model = _deepspeed_model(2)
+    fired = []
+    model.layers[0].gate.wg.register_forward_hook(lambda *a: fired.append(1))
+    with _attach(model) as watch:
+        report = _run(model, watch, steps=1)
+    assert not fired
+    assert report.layers[0].assignments == TOKENS * 2
+
+
+# --- torchtitan ----------------------------------------------------------------------------------------
+
+
+def _torchtitan_model(score_func: str, top_k: int = 2) -> Stack:
+    torch.manual_seed(0)
+    args = torchtitan.MoEArgs(num_experts=8, score_func=score_func, top_k=top_k, route_norm=True)
+    model = Stack([torchtitan.MoE(args, dim=H, hidden_dim=8) for _ in range(2)])
+    for layer in model.layers:
+        nn.init.normal_(layer.router.gate.weight, std=0.5)
+    return model
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_torchtitan_token_choice_router(score_func: str) -> None:
+    model = _torchtitan_model(score_func)
+    model.layers[1].expert_bias[5] = (
+        10.0  # aux-loss-free balancing bias: selection differs from top-k(scores)
+    )
+    routers = [layer.router for layer in model.layers]
+    ref = Recorder(routers, 8, lambda out: out[1], lambda m, a, o: m.gate(a[0]))
+    watch = _attach(model)
+    report = _run(model, watch)
+    watch.close()
+    ref.remove()
+    assert [(r.module, r.family, r.num_experts, r.top_k, r.score_func) for r in watch.routers] == [
+        (f"layers.{i}.router", "torchtitan", 8, 2, score_func) for i in range(2)
+    ]
+    assert [layer.loads for layer in report.layers] == ref.loads()
+    assert ref.loads()[1][5] == 3 * TOKENS
+    for i, layer in enumerate(report.layers):
+        assert layer.norm_entropy == pytest.approx(
+            _norm_entropy(_probs(torch.cat(ref.logits[i]), score_func)), abs=2e-6
+        )
+    # torchtitan's own per-expert counter agrees as well
+    assert model.layers[0].tokens_per_expert.long().tolist() == report.layers[0].loads
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_torchtitan_under_activation_checkpointing(use_reentrant: bool) -> None:
+    model = _torchtitan_model("sigmoid")
+    calls = []
+    model.layers[0].router.register_forward_hook(lambda *a: calls.append(1))
+    ref = Recorder([layer.router for layer in model.layers], 8, lambda out: out[1])
+    watch = _attach(model)
+    for seed in range(2):
+        x = _x(seed).requires_grad_(use_reentrant)
+        h = x
+        for layer in model.layers:
+            h = h + torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=use_reentrant)
+        n_forward = len(calls)
+        ref_before = ref.loads()
+        h.pow(2).mean().backward()
+        assert len(calls) == n_forward + 1  # the router ran again during backward
+        ref.counts = [torch.tensor(c) for c in ref_before]  # the reference keeps forward calls only
+    report = watch.flush()
+    watch.close()
+    ref.remove()
+    assert [layer.loads for layer in report.layers] == ref.loads()
+    assert all(layer.tokens == 2 * TOKENS for layer in report.layers)
+
+
+# --- MegaBlocks ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_megablocks_learned_router(top_k: int) -> None:
+    torch.manual_seed(0)
+    args = megablocks.Arguments(
+        hidden_size=H, moe_num_experts=4, moe_top_k=top_k, moe_normalize_expert_weights=1.0
+    )
+    model = Stack([megablocks.MoE(args) for _ in range(2)])
+    ref = Recorder([layer.router for layer in model.layers], 4, lambda out: out[2], lambda m, a, o: o[0])
+    watch = _attach(model)
+    report = _run(model, watch)
+    watch.close()
+    ref.remove()
+    assert [(r.module, r.family, r.num_experts, r.top_k) for r in watch.routers] == [
+        (f"layers.{i}.router", "megablocks", 4, top_k) for i in range(2)
+    ]
+    assert [layer.loads for layer in report.layers] == ref.loads()
+    for i, layer in enumerate(report.layers):
+        assert layer.tokens == 3 * TOKENS
+        assert layer.norm_entropy == pytest.approx(_norm_entropy(torch.cat(ref.logits[i])), abs=2e-6)
+
+
+def test_megablocks_nonfinite_scores_are_counted() -> None:
+    torch.manual_seed(0)
+    model = Stack([megablocks.MoE(megablocks.Arguments(hidden_size=H, moe_top_k=2))])
+    x = _x(0)
+    x[0, 3] = float("nan")
+    with _attach(model) as watch:
+        model.layers[0].router(x)
+        report = watch.flush()
+    assert report.layers[0].nonfinite == 1
+    assert report.layers[0].tokens == TOKENS
+
+
+# --- plain nn.Linear gates and custom extractors -------------------------------------------------------
+
+
+class LinearGateMoE(nn.Module):
+    """A home-grown MoE block: ``gate`` is a bare Linear; k lives under a name moewatch does not know."""
+
+    def __init__(self, num_experts: int = 5, k: int = 2, k_attr: str = "n_active") -> None:
+        super().__init__()
+        setattr(self, k_attr, k)
+        self._k = k
+        self.gate = nn.Linear(H, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=0.5)
+        self.experts = nn.ModuleList(nn.Linear(H, H) for _ in range(num_experts))
+        self.shared_expert_gate = nn.Linear(H, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits_TE = self.gate(x.reshape(-1, H))
+        weights_TK, ids_TK = logits_TE.softmax(-1).topk(self._k, dim=-1)
+        out = torch.zeros_like(x.reshape(-1, H))
+        for j in range(self._k):
+            for e, expert in enumerate(self.experts):
+                sel = ids_TK[:, j] == e
+                out[sel] += weights_TK[sel, j : j + 1] * expert(x.reshape(-1, H)[sel])
+        return (out + torch.sigmoid(self.shared_expert_gate(x.reshape(-1, H)))).reshape(x.shape)
+
+
+def _linear_model(**kw: Any) -> Stack:
+    torch.manual_seed(0)
+    return Stack([LinearGateMoE(**kw) for _ in range(2)])
+
+
+@pytest.mark.parametrize(
+    "routers", [["*.gate"], lambda name, module: name.endswith(".gate")], ids=["glob", "predicate"]
+)
+def test_plain_linear_gate_named_by_user(routers: Any) -> None:
+    model = _linear_model()
+    with pytest.raises(moewatch.NoRouterFoundError):
+        _attach(model)  # `n_active` is not a name moewatch knows: it must be told
+    ref = Recorder([layer.gate for layer in model.layers], 5, lambda out: out.topk(2, dim=-1).indices)
+    watch = _attach(model, routers=routers, top_k=2)
+    report = _run(model, watch)
+    watch.close()
+    ref.remove()
+    assert [(r.module, r.family, r.num_experts, r.top_k) for r in watch.routers] == [
+        (f"layers.{i}.gate", "linear", 5, 2) for i in range(2)
+    ]
+    assert [layer.loads for layer in report.layers] == ref.loads()
+
+
+def test_linear_gate_found_when_parent_exposes_top_k() -> None:
+    model = _linear_model(k_attr="top_k")
+    with _attach(model) as watch:
+        assert [(r.module, r.family, r.top_k) for r in watch.routers] == [
+            (f"layers.{i}.gate", "linear", 2) for i in range(2)
+        ]
+
+
+def test_linear_gate_without_k_asks_for_it() -> None:
+    with pytest.raises(ValueError, match="top_k=K"):
+        _attach(_linear_model(), routers=["*.gate"])
+
+
+def test_pattern_matching_a_one_output_gate_is_rejected() -> None:
+    with pytest.raises(ValueError, match="shared_expert_gate"):
+        _attach(_linear_model(), routers=["*gate"], top_k=2)
+
+
+class DictRouter(nn.Module):
+    """A router with a shape moewatch cannot know: returns a dict."""
+
+    def __init__(self, num_experts: int = 6, k: int = 2) -> None:
+        super().__init__()
+        self.proj = nn.Linear(H, num_experts)
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.proj(x.reshape(-1, H))
+        return {"logits": logits, "choice": logits.topk(self.k, dim=-1).indices}
+
+
+class DictMoE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.router = DictRouter()
+        self.ffn = nn.Linear(H, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routed = self.router(x)
+        return self.ffn(x) * routed["logits"].mean(-1, keepdim=True).reshape(*x.shape[:-1], 1)
+
+
+def _extract(module: nn.Module, args: tuple[Any, ...], out: Any) -> moewatch.RouterOutput:
+    return moewatch.RouterOutput(indices_TK=out["choice"], logits_TE=out["logits"])
+
+
+def test_custom_extractor() -> None:
+    torch.manual_seed(0)
+    model = Stack([DictMoE() for _ in range(2)])
+    ref = Recorder(
+        [layer.router for layer in model.layers], 6, lambda out: out["choice"], lambda m, a, o: o["logits"]
+    )
+    watch = _attach(model, routers=["layers.*.router"], extractor=_extract, num_experts=6, top_k=2)
+    report = _run(model, watch)
+    watch.close()
+    ref.remove()
+    assert [(r.module, r.family, r.num_experts, r.top_k) for r in watch.routers] == [
+        (f"layers.{i}.router", "custom", 6, 2) for i in range(2)
+    ]
+    assert [layer.loads for layer in report.layers] == ref.loads()
+    for i, layer in enumerate(report.layers):
+        assert layer.norm_entropy == pytest.approx(
+            _norm_entropy(torch.cat(ref.logits[i]).softmax(-1)), abs=2e-6
+        )
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+
+def test_model_without_router_says_what_was_looked_for_and_how_to_fix() -> None:
+    model = nn.Sequential(nn.Linear(H, 32), nn.GELU(), nn.Linear(32, H))
+    with pytest.raises(moewatch.NoRouterFoundError) as info:
+        _attach(model)
+    msg = str(info.value)
+    for needle in (
+        "Sequential",
+        "TopKRouter",
+        "TopKGate",
+        "TokenChoiceTopKRouter",
+        "LearnedRouter",
+        "routers=",
+        "top_k=",
+        "extractor=",
+    ):
+        assert needle in msg, needle
+    assert isinstance(info.value, ValueError)
+
+
+def test_pattern_that_matches_nothing() -> None:
+    with pytest.raises(moewatch.NoRouterFoundError, match="no module matched routers="):
+        _attach(_linear_model(), routers=["decoder.*.router"], top_k=2)
+
+
+def test_pattern_that_matches_a_non_router_module() -> None:
+    with pytest.raises(
+        ValueError, match=r"'layers.0.experts' \(ModuleList\).*not a router family.*extractor="
+    ):
+        _attach(_linear_model(), routers=["layers.*.experts"], top_k=2)
+
+
+# --- bad router outputs --------------------------------------------------------------------------------
+
+
+class FakeTopKRouter(nn.Module):
+    """Deterministic transformers-style router: returns ``(logits, scores, indices)`` that the test sets."""
+
+    def __init__(self, num_experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.weight = nn.Parameter(torch.zeros(num_experts, H))
+        self.next_indices: torch.Tensor | None = None
+        self.next_logits: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x_TH = x.reshape(-1, H)
+        logits = self.next_logits if self.next_logits is not None else F.linear(x_TH, self.weight)
+        indices = self.next_indices if self.next_indices is not None else logits.topk(self.top_k, -1).indices
+        return logits, torch.ones(indices.shape), indices
+
+
+class FakeBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = FakeTopKRouter()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.gate(x)
+        return x
+
+
+def test_invalid_expert_ids_are_counted_not_fatal() -> None:
+    model = Stack([FakeBlock()])
+    indices_TK = torch.tensor([[0, 1], [-1, 2], [4, 3], [99, -7], [3, 3]])
+    model.layers[0].gate.next_indices = indices_TK
+    with _attach(model) as watch:
+        model(torch.zeros(1, 5, H))
+        report = watch.flush()
+    layer = report.layers[0]
+    assert layer.loads == [1, 1, 1, 3]
+    assert layer.invalid_ids == 4
+    assert layer.tokens == 5
+
+
+def test_nonfinite_logits_are_counted() -> None:
+    model = Stack([FakeBlock()])
+    logits_TE = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    logits_TE[1, 2] = float("nan")
+    logits_TE[4, 0] = float("inf")
+    gate = model.layers[0].gate
+    gate.next_logits = logits_TE
+    gate.next_indices = torch.tensor([[0, 1]] * 6)
+    with _attach(model) as watch:
+        model(torch.zeros(1, 6, H))
+        report = watch.flush()
+    layer = report.layers[0]
+    assert layer.nonfinite == 2
+    assert layer.loads == [6, 6, 0, 0]
+    finite = logits_TE[[0, 2, 3, 5]].double()
+    assert layer.norm_entropy == pytest.approx(_norm_entropy(finite.softmax(-1)), abs=2e-6)
+    assert layer.z_loss == pytest.approx(float(torch.logsumexp(finite, -1).pow(2).mean()), rel=1e-5)
+
+
+class _Flaky:
+    def __init__(self, fail_on: set[int]) -> None:
+        self.calls = 0
+        self.fail_on = fail_on
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], out: Any) -> moewatch.RouterOutput:
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise RuntimeError("boom from extractor")
+        return _extract(module, args, out)
+
+
+def test_failing_hook_is_logged_once_counted_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = Stack([DictMoE()])
+    flaky = _Flaky(fail_on={2, 3})
+    watch = _attach(model, routers=["layers.0.router"], extractor=flaky, num_experts=6, top_k=2, strict=False)
+    with caplog.at_level(logging.WARNING, logger="moewatch"):
+        for seed in range(4):
+            model(_x(seed))  # training never sees the error
+    report = watch.flush()
+    watch.close()
+    assert flaky.calls == 2  # skipped after the failure: the extractor is not called again
+    assert watch.hook_errors == 1 and report.hook_errors == 1
+    assert len([r for r in caplog.records if "boom from extractor" in r.getMessage()]) == 1
+    assert report.layers[0].tokens == TOKENS  # only the first call counted
+
+
+def test_failing_hook_reraises_in_strict_mode() -> None:
+    torch.manual_seed(0)
+    model = Stack([DictMoE()])
+    with _attach(model, routers=["layers.0.router"], extractor=_Flaky(fail_on={1}), num_experts=6, top_k=2):
+        with pytest.raises(RuntimeError, match="boom from extractor"):
+            model(_x(0))
+
+
+def test_extractor_returning_the_wrong_type() -> None:
+    torch.manual_seed(0)
+    model = Stack([DictMoE()])
+    with _attach(model, routers=["layers.0.router"], extractor=lambda m, a, o: o, num_experts=6, top_k=2):
+        with pytest.raises(TypeError, match="not moewatch.RouterOutput"):
+            model(_x(0))
