@@ -92,15 +92,20 @@ class Accumulator:
             bufs = self._buffers(rmap.device)
             self.tokens_L[layer] += rmap.shape[0]
             bufs.counts_LE1[layer, :e].add_(rmap.sum(dim=0, dtype=torch.int64))
+        elif out.counts_E is not None and out.num_tokens is not None:
+            counts = out.counts_E.reshape(-1)
+            bufs = self._buffers(counts.device)
+            self.tokens_L[layer] += out.num_tokens
+            bufs.counts_LE1[layer, :e].add_(counts.to(torch.int64))
         else:
-            raise ValueError("RouterOutput needs indices_TK or routing_map_TE")
+            raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
 
         row = bufs.stats_LS[layer]
         if out.probs_TE is not None:
             probs = out.probs_TE.detach().reshape(-1, e).float()
             row[:e].add_(torch.nansum(probs, dim=0))
             self.prob_tokens_L[layer] += probs.shape[0]
-            row[self.col_finite].add_(probs.shape[0])
+            row[self.col_finite].add_(torch.isfinite(probs).all(dim=-1).sum())
         elif out.logits_TE is not None:
             logits = out.logits_TE.detach().reshape(-1, e).float()
             if out.score_func == "sigmoid":

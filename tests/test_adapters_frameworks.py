@@ -1,5 +1,6 @@
 """Router discovery and exact counting for Megatron-Core, DeepSpeed, torchtitan and MegaBlocks
-(interface-faithful replicas in ``tests/frameworks``), plain ``nn.Linear`` gates, custom extractors, and the error paths.
+(interface-faithful replicas in ``tests/frameworks``), plain ``nn.Linear`` gates, custom extractors,
+and the error paths.
 
 Legend: ``T`` tokens, ``E`` experts, ``K`` top-k, ``H`` hidden size.
 """

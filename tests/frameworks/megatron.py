@@ -1,5 +1,6 @@
 """Megatron-Core ``megatron/core/transformer/moe/router.py`` ``TopKRouter`` (and
-``topk_softmax_with_capacity`` from ``moe_utils.py``), without parallel state, aux-loss tracking or Transformer Engine."""
+``topk_softmax_with_capacity`` from ``moe_utils.py``), without parallel state, aux-loss tracking or
+Transformer Engine."""
 
 from __future__ import annotations
 
