@@ -54,20 +54,43 @@ def test_scrape_serves_last_report_and_cumulative_counters(exporter: PrometheusE
     before = scrape(exporter.url)
     assert value(before, "moewatch_windows_total", run="r1") == 0
     assert "moewatch_layer_state" not in names(before)  # nothing to say before the first window
-    assert value(before, "moewatch_build_info", run="r1", version=moewatch.__version__,
-                 python_version=__import__("platform").python_version(), torch_version=torch.__version__) == 1
+    assert (
+        value(
+            before,
+            "moewatch_build_info",
+            run="r1",
+            version=moewatch.__version__,
+            python_version=__import__("platform").python_version(),
+            torch_version=torch.__version__,
+        )
+        == 1
+    )
 
     w0 = window_report(
         [
-            layer_report(0, [100, 50, 50, 0], HealthState.COLLAPSED, load_cov=0.71, dead_experts=1,
-                         dead_expert_ids=[3], dead_ratio=0.25, top2_share=0.75, top2_excess=0.5,
-                         norm_entropy=0.6, max_violation=1.0, effective_experts=2.8, z_loss=1.5),
+            layer_report(
+                0,
+                [100, 50, 50, 0],
+                HealthState.COLLAPSED,
+                load_cov=0.71,
+                dead_experts=1,
+                dead_expert_ids=[3],
+                dead_ratio=0.25,
+                top2_share=0.75,
+                top2_excess=0.5,
+                norm_entropy=0.6,
+                max_violation=1.0,
+                effective_experts=2.8,
+                z_loss=1.5,
+            ),
             layer_report(1, [50, 50, 50, 50], HealthState.INSUFFICIENT_DATA, load_cov=0.0),
         ]
     )
     w1 = window_report(
-        [layer_report(0, [10, 20, 30, 40], HealthState.WARNING, load_cov=0.45),
-         layer_report(1, [60, 40, 50, 50], HealthState.HEALTHY, load_cov=0.14)],
+        [
+            layer_report(0, [10, 20, 30, 40], HealthState.WARNING, load_cov=0.45),
+            layer_report(1, [60, 40, 50, 50], HealthState.HEALTHY, load_cov=0.14),
+        ],
         window=1,
     )
     exporter.emit(w0)
@@ -90,7 +113,12 @@ def test_scrape_serves_last_report_and_cumulative_counters(exporter: PrometheusE
     assert value(s, "moewatch_layer_state", **L0) == 1
     assert value(s, "moewatch_run_state", run="r1") == 1
     # per-expert counters are cumulative over windows; window gauges are the last window's
-    assert [value(s, "moewatch_expert_assignments_total", **L0, expert=str(e)) for e in range(4)] == [110, 70, 80, 40]
+    assert [value(s, "moewatch_expert_assignments_total", **L0, expert=str(e)) for e in range(4)] == [
+        110,
+        70,
+        80,
+        40,
+    ]
     assert value(s, "moewatch_layer_window_assignments", **L0) == 100
     assert value(s, "moewatch_layer_tokens_total", **L0) == 100 + 50
     assert value(s, "moewatch_expert_dead", **L0, expert="3") == 0
@@ -99,16 +127,35 @@ def test_scrape_serves_last_report_and_cumulative_counters(exporter: PrometheusE
 
 def test_every_layer_report_metric_is_exported(exporter: PrometheusExporter) -> None:
     full = layer_report(
-        0, [40, 30, 20, 10], load_cov=0.4, dead_experts=0, dead_ratio=0.0, top2_share=0.7, top2_excess=0.1,
-        norm_entropy=0.9, max_violation=0.6, effective_experts=3.5, z_loss=2.0, nonfinite=1, invalid_ids=2,
-        dropped_ratio=0.05, ep_loads=[70, 30], ep_load_cov=0.4,
+        0,
+        [40, 30, 20, 10],
+        load_cov=0.4,
+        dead_experts=0,
+        dead_ratio=0.0,
+        top2_share=0.7,
+        top2_excess=0.1,
+        norm_entropy=0.9,
+        max_violation=0.6,
+        effective_experts=3.5,
+        z_loss=2.0,
+        nonfinite=1,
+        invalid_ids=2,
+        dropped_ratio=0.05,
+        ep_loads=[70, 30],
+        ep_load_cov=0.4,
     )
     exporter.emit(window_report([full]))
     s = scrape(exporter.url)
     for name, attr, _ in LAYER_GAUGES:
         assert value(s, name, **L0) == pytest.approx(float(getattr(full, attr))), name
-    for counter in ("moewatch_windows_total", "moewatch_tokens_total", "moewatch_hook_errors_total",
-                    "moewatch_scrapes_total", "moewatch_layer_tokens_total", "moewatch_expert_assignments_total"):
+    for counter in (
+        "moewatch_windows_total",
+        "moewatch_tokens_total",
+        "moewatch_hook_errors_total",
+        "moewatch_scrapes_total",
+        "moewatch_layer_tokens_total",
+        "moewatch_expert_assignments_total",
+    ):
         assert counter in names(s)
     # _total only on counters
     text = requests.get(exporter.url, timeout=5).text
@@ -160,8 +207,13 @@ def test_attach_serves_notifications_and_hook_errors(monkeypatch: pytest.MonkeyP
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     notifier = FakeNotifier()
     watch = moewatch.attach(
-        model, optimizer=opt, sinks=[notifier, BrokenStats()], run_name="att", window_steps=2,
-        jsonl={"path": tmp_path / "w.jsonl"}, console={"enabled": False},
+        model,
+        optimizer=opt,
+        sinks=[notifier, BrokenStats()],
+        run_name="att",
+        window_steps=2,
+        jsonl={"path": tmp_path / "w.jsonl"},
+        console={"enabled": False},
     )
     try:
         ex = watch.find_sink(PrometheusExporter)
@@ -178,7 +230,10 @@ def test_attach_serves_notifications_and_hook_errors(monkeypatch: pytest.MonkeyP
         assert value(s, "moewatch_notifications_total", **run, notifier="slack", outcome="sent") == 3
         assert value(s, "moewatch_notifications_total", **run, notifier="slack", outcome="failed") == 1
         notifier.stats["slack"]["sent"] = 5  # read live at scrape time
-        assert value(scrape(ex.url), "moewatch_notifications_total", **run, notifier="slack", outcome="sent") == 5
+        assert (
+            value(scrape(ex.url), "moewatch_notifications_total", **run, notifier="slack", outcome="sent")
+            == 5
+        )
         assert value(s, "moewatch_hook_errors_total", **run) == 0
         watch.hook_errors += 2  # the monitor's own counter is read at scrape time
         assert value(scrape(ex.url), "moewatch_hook_errors_total", **run) == 2
@@ -204,7 +259,9 @@ def test_disabled_exporter_is_not_built(tmp_path: Path) -> None:
     from moewatch.exporter import prometheus_sink
 
     assert prometheus_sink(MoEWatchConfig(prometheus={"enabled": False})) is None
-    ex = prometheus_sink(MoEWatchConfig(prometheus={"enabled": False}, pushgateway={"url": "http://127.0.0.1:1"}))
+    ex = prometheus_sink(
+        MoEWatchConfig(prometheus={"enabled": False}, pushgateway={"url": "http://127.0.0.1:1"})
+    )
     assert ex is not None and ex.url is None and ex.pushgateway_url == "http://127.0.0.1:1"
     ex.close()
 
@@ -212,9 +269,26 @@ def test_disabled_exporter_is_not_built(tmp_path: Path) -> None:
 def test_tls(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     ex = PrometheusExporter("tls", PrometheusConfig(host="127.0.0.1", port=0, certfile=cert, keyfile=key))
     try:
@@ -233,8 +307,45 @@ def test_tls_config_errors_name_the_fields(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="prometheus.certfile and prometheus.keyfile"):
         MoEWatchConfig(prometheus={"certfile": tmp_path / "c.pem"})
     with pytest.raises(ValueError, match="MOEWATCH_PROMETHEUS__CERTFILE"):
-        PrometheusExporter("x", PrometheusConfig(port=0, certfile=tmp_path / "c.pem", keyfile=tmp_path / "k.pem"))
+        PrometheusExporter(
+            "x", PrometheusConfig(port=0, certfile=tmp_path / "c.pem", keyfile=tmp_path / "k.pem")
+        )
 
 
 def test_pushgateway_config_is_optional() -> None:
     assert PushgatewayConfig().url is None
+
+
+@pytest.mark.parametrize(
+    ("per_expert", "series"), [(True, 11 + 60 * 20 + 2 * 60 * 256), (False, 11 + 60 * 20)]
+)
+def test_cardinality_of_a_60_layer_256_expert_model(per_expert: bool, series: int) -> None:
+    """11 run-level series, 20 per layer (every optional metric defined), 2 per expert."""
+    from prometheus_client import generate_latest
+
+    from moewatch.exporter.collector import MoEWatchCollector
+
+    layers = [
+        layer_report(i, [100] * 256, load_cov=0.1, top2_share=0.01, top2_excess=0.0, norm_entropy=0.99,
+                     max_violation=0.1, effective_experts=250.0, z_loss=1.0, dropped_ratio=0.0,
+                     ep_loads=[3200] * 8, ep_load_cov=0.0)
+        for i in range(60)
+    ]  # fmt: skip
+    registry = CollectorRegistry()
+    collector = MoEWatchCollector("big", per_expert=per_expert)
+    registry.register(collector)
+    collector.update(window_report(layers, run="big"))
+    lines = [ln for ln in generate_latest(registry).decode().splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == series
+    assert generate_latest(registry).count(b"\n") > 0  # a second scrape (served from the per-window cache)
+
+
+def test_missing_binary_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    from promhelpers import require_binary
+
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require_binary("moewatch-no-such-binary")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception):
+        require_binary("moewatch-no-such-binary")

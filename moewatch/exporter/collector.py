@@ -134,6 +134,7 @@ class MoEWatchCollector(Collector):
         self._push_stats: Callable[[], dict[str, int]] | None = None
         self._build = _versions()
         self._stats_failed: set[int] = set()
+        self._cache: tuple[_Snapshot | None, list[Metric]] | None = None
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -195,10 +196,20 @@ class MoEWatchCollector(Collector):
         yield from (build, windows, tokens, hook_errors, scrape_c)
         yield from self._notifications(with_samples)
         yield from self._pushes(with_samples)
-        yield from self._window_families(snap, with_samples)
-        yield from self._layer_families(snap, with_samples)
+        yield from self._report_families(snap, with_samples)
+
+    def _report_families(self, snap: _Snapshot | None, with_samples: bool) -> list[Metric]:
+        # Families that depend only on the immutable snapshot are built once per window, not per scrape
+        # (60 layers x 256 experts is ~30k samples).
+        cached = self._cache
+        if with_samples and cached is not None and cached[0] is snap:
+            return cached[1]
+        fams = [*self._window_families(snap, with_samples), *self._layer_families(snap, with_samples)]
         if self.per_expert:
-            yield from self._expert_families(snap, with_samples)
+            fams += self._expert_families(snap, with_samples)
+        if with_samples:
+            self._cache = (snap, fams)
+        return fams
 
     def _hook_errors(self, snap: _Snapshot | None) -> int:
         monitor = self._monitor()
