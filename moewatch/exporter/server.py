@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 _HINT = (
     "set prometheus.port (MOEWATCH_PROMETHEUS__PORT) to a free port, 0 to pick any free port, "
-    "or prometheus.enabled=false (MOEWATCH_PROMETHEUS__ENABLED=false)"
+    "or prometheus.enabled=false (MOEWATCH_PROMETHEUS__ENABLED=false); several monitoring processes on one "
+    "host (process_group=False) each need their own port, e.g. 9405 + LOCAL_RANK"
 )
 
 
