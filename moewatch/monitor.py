@@ -149,7 +149,10 @@ class Monitor:
         self._closed = True
         try:
             self._finish_pending()
-            if self._step > self._window_start_step or any(self._acc.tokens_L):
+            # With a group, decide from step counts only: they agree across ranks, token counts may not,
+            # and a rank that skipped the all_reduce would hang the others.
+            leftover = any(self._acc.tokens_L) and self._group is None
+            if self._step > self._window_start_step or leftover:
                 self._end_window(blocking=True)
         finally:
             self._remove_hooks()

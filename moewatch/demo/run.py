@@ -69,15 +69,18 @@ class DemoResult:
 
 
 def _config(opts: DemoOptions) -> MoEWatchConfig:
-    base = MoEWatchConfig.from_file(opts.config_file) if opts.config_file else None
+    if opts.config_file:
+        base = MoEWatchConfig.from_file(opts.config_file)
+    else:
+        base = build_config(None, {}, source="the MOEWATCH_* environment")
     overrides: dict[str, object] = {"window_steps": opts.window}
-    if "MOEWATCH_RUN_NAME" not in os.environ and (base is None or "run_name" not in base.model_fields_set):
+    if "MOEWATCH_RUN_NAME" not in os.environ and "run_name" not in base.model_fields_set:
         overrides["run_name"] = f"demo-{opts.balance}-seed{opts.seed}"
-    jsonl = (base.jsonl if base else MoEWatchConfig().jsonl).model_copy()
+    jsonl = base.jsonl.model_copy()
     if opts.jsonl is not None:
         jsonl.path, jsonl.enabled = opts.jsonl, True
     overrides["jsonl"] = jsonl
-    console = (base.console if base else MoEWatchConfig().console).model_copy()
+    console = base.console.model_copy()
     console.enabled, console.live = opts.console, True
     overrides["console"] = console
     return build_config(base, overrides, source="moewatch demo")
