@@ -38,6 +38,7 @@ def _attach(model: nn.Module, **kw: Any) -> moewatch.Monitor:
         console={"enabled": False},
         jsonl={"enabled": False},
         prometheus={"enabled": False},
+        alerts={"enabled": False},
         min_fair_share=0,
         strict=True,
     )
@@ -390,8 +391,10 @@ def test_linear_gate_without_k_asks_for_it() -> None:
 
 
 def test_pattern_matching_a_one_output_gate_is_rejected() -> None:
-    with pytest.raises(ValueError, match="shared_expert_gate"):
-        _attach(_linear_model(), routers=["*gate"], top_k=2)
+    with pytest.raises(
+        ValueError, match="shared_expert_gate' matched `routers` but is an nn.Linear with 1 output"
+    ):
+        _attach(_linear_model(), routers=["*gate"], top_k=1)
 
 
 class DictRouter(nn.Module):
