@@ -8,11 +8,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from moewatch.config import ConfigError
 from moewatch.report import HealthState
+from moewatch.sinks.console import wide_console
 
 __all__ = ["main"]
 
@@ -65,9 +67,13 @@ def _summary(result: object, balance: str, out: Console) -> None:
     if last is None:
         out.print("no window completed")
         return
-    table = Table(title=f"moewatch demo summary (--balance {balance}, {len(result.reports)} windows)")
-    for col in ("layer", "final state", "load CV", "top-2 share", "dead", "entropy", "first collapsed at step"):
-        table.add_column(col)
+    table = Table(
+        title=f"moewatch demo summary (--balance {balance}, {len(result.reports)} windows)",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    for col in ("layer", "final state", "load CV", "top-2", "dead", "dead ids", "entropy", "collapsed since"):
+        table.add_column(col, no_wrap=col != "dead ids")
     for layer in last.layers:
         first = next(
             (r.step_end for r in result.reports if r.layers[layer.index].state is HealthState.COLLAPSED), None
@@ -77,9 +83,10 @@ def _summary(result: object, balance: str, out: Console) -> None:
             f"[{_STYLE[layer.state.value]}]{layer.state.value}[/]",
             f"{layer.load_cov:.3f}" if layer.load_cov is not None else "-",
             f"{layer.top2_share:.1%}" if layer.top2_share is not None else "-",
-            f"{layer.dead_experts}/{layer.num_experts} {layer.dead_expert_ids if layer.dead_experts else ''}",
+            f"{layer.dead_experts}/{layer.num_experts}",
+            ",".join(map(str, layer.dead_expert_ids)) or "-",
             f"{layer.norm_entropy:.3f}" if layer.norm_entropy is not None else "-",
-            str(first) if first is not None else "never",
+            f"step {first}" if first is not None else "never",
         )
     out.print(table)
     worst_cov = max((layer.load_cov or 0.0) for r in result.reports[1:] for layer in r.layers) if len(
@@ -111,7 +118,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         config_file=args.config,
     )
     result = run_demo(opts)
-    _summary(result, args.balance, Console())
+    _summary(result, args.balance, wide_console())
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -9,7 +10,7 @@ from rich.text import Text
 
 from moewatch.report import HealthState, LayerReport, WindowReport
 
-__all__ = ["ConsoleSink", "render_table"]
+__all__ = ["ConsoleSink", "render_table", "wide_console"]
 
 STYLE = {
     HealthState.HEALTHY: "green",
@@ -36,19 +37,12 @@ def render_table(report: WindowReport, max_layers: int = 64) -> Table:
     title = Text.assemble(
         f"moewatch {report.run}  steps {report.step_start}-{report.step_end}  ", "run: ", state
     )
-    table = Table(title=title, title_justify="left", expand=False)
-    for col, justify in (
-        ("layer", "right"),
-        ("module", "left"),
-        ("state", "left"),
-        ("load CV", "right"),
-        ("dead", "right"),
-        ("top-2 share", "right"),
-        ("entropy", "right"),
-        ("eff. experts", "right"),
-        ("tokens", "right"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    table = Table(title=title, title_justify="left", expand=False, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("module", overflow="ellipsis", no_wrap=True, max_width=24)
+    table.add_column("state", no_wrap=True, min_width=9)
+    for col in ("load CV", "dead", "top-2", "entropy", "eff. E", "tokens"):
+        table.add_column(col, justify="right", no_wrap=True)
     shown = _rows(report, max_layers)
     for r in shown:
         style = STYLE[r.state]
@@ -69,11 +63,18 @@ def render_table(report: WindowReport, max_layers: int = 64) -> Table:
     return table
 
 
+def wide_console() -> Console:
+    """A console for stdout; when stdout is not a terminal (logs, CI) rich would assume 80 columns, too
+    narrow for the table, so use 120."""
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
 class ConsoleSink:
     """Prints the table at every window end, or redraws one live table in place (``live=True``)."""
 
     def __init__(self, live: bool = False, max_layers: int = 64, console: Console | None = None) -> None:
-        self.console = console or Console()
+        self.console = console or wide_console()
         self.max_layers = max_layers
         self._live: Live | None = None
         if live:
@@ -91,3 +92,4 @@ class ConsoleSink:
         if self._live is not None:
             self._live.stop()
             self._live = None
+            self.console.line()
