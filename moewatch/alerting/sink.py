@@ -94,6 +94,8 @@ class AlertSink:
                 log.exception("moewatch: logging a notification failed")
         for worker in self.workers:
             part = notification.only(worker.notifier.conditions)
+            if part is not None and part.is_repeat and not getattr(worker.notifier, "sends_repeats", True):
+                continue
             if part is not None:
                 worker.submit(self._with_incident(worker.name, part))
 

@@ -89,6 +89,7 @@ class PagerDutyNotifier:
 
     name = "pagerduty"
     min_interval = 0.0
+    sends_repeats = False  # PagerDuty keeps the incident open and escalates by itself
 
     def __init__(self, routing_key: str, conditions: Iterable[AlertCondition], url: str = DEFAULT_URL) -> None:
         self._key = routing_key
