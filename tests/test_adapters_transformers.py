@@ -256,6 +256,36 @@ CASES: dict[str, Case] = {
         family="switch",
         encoder_decoder=True,
     ),
+    "gemma4": Case(
+        _causal(
+            "Gemma4TextConfig",
+            "Gemma4ForCausalLM",
+            enable_moe_block=True,
+            num_experts=4,
+            top_k_experts=2,
+            moe_intermediate_size=16,
+            head_dim=16,
+        ),
+        _names("model.layers.{}.router"),
+        4,
+        2,
+        output="probs",
+    ),
+    "afmoe": Case(
+        _causal(
+            "AfmoeConfig",
+            "AfmoeForCausalLM",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            head_dim=16,
+            num_dense_layers=0,
+        ),
+        _names("model.layers.{}.mlp.router"),
+        4,
+        2,
+        score_func="sigmoid",
+    ),
     "nllb_moe": Case(
         _nllb,
         _names("model.encoder.layers.{}.ffn.router") + _names("model.decoder.layers.{}.ffn.router"),
@@ -309,7 +339,7 @@ def _build(name: str) -> tuple[Case, nn.Module]:
 
 def _chosen_TK(case: Case, out: Any) -> torch.Tensor:
     """The experts a router call chose, read from its output independently of moewatch."""
-    if case.output == "indices":
+    if case.output in ("indices", "probs"):
         return out[2]
     if case.output == "llama4":
         return torch.topk(out[1], case.top_k, dim=-1).indices
@@ -324,6 +354,7 @@ def _chosen_TK(case: Case, out: Any) -> torch.Tensor:
 def _logits_TE(case: Case, out: Any) -> torch.Tensor:
     return {
         "indices": lambda: out[0],
+        "probs": lambda: out[0],  # Gemma4 returns probabilities, no logits
         "llama4": lambda: out[1],
         "logits": lambda: out,
         "switch": lambda: out[2],
@@ -498,6 +529,19 @@ def test_gradient_accumulation_counts_every_micro_batch(name: str) -> None:
     assert all(layer.tokens == 4 * TOKENS for layer in report.layers)
 
 
+def test_afmoe_counts_the_biased_choice_not_the_top_k_of_logits() -> None:
+    case, model = _build("afmoe")
+    for layer in model.model.layers:
+        layer.mlp.expert_bias[1] = 10.0  # aux-loss-free balancing bias: steers selection, not the logits
+    ref = Reference(case, model)
+    with _attach(model) as watch:
+        model(**_inputs(case, 0))
+        report = watch.flush()
+    ref.remove()
+    assert [layer.loads for layer in report.layers] == ref.loads()
+    assert all(layer.loads[1] == TOKENS for layer in report.layers)
+
+
 # --- probabilities ------------------------------------------------------------------------------------
 
 
@@ -506,7 +550,9 @@ def _norm_entropy(probs_TE: torch.Tensor) -> float:
     return float(-(p * p.log()).sum() / math.log(p.numel()))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "llama4", "dbrx"])
+@pytest.mark.parametrize(
+    "name", ["mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "llama4", "dbrx", "gemma4"]
+)
 def test_norm_entropy_from_router_probabilities(name: str) -> None:
     case, model = _build(name)
     ref = Reference(case, model)
@@ -517,19 +563,22 @@ def test_norm_entropy_from_router_probabilities(name: str) -> None:
     ref.remove()
     for i, layer in enumerate(report.layers):
         logits_TE = torch.cat(ref.logits[i]).double()
+        assert layer.entropy_source == "probs"
+        if case.output == "probs":
+            assert layer.norm_entropy == pytest.approx(_norm_entropy(logits_TE), abs=2e-6)
+            assert layer.z_loss is None
+            continue
         if case.score_func == "sigmoid":
             scores = logits_TE.sigmoid()
             probs = scores / scores.sum(dim=-1, keepdim=True)
         else:
             probs = logits_TE.softmax(dim=-1)
-        assert layer.entropy_source == "probs"
         assert layer.norm_entropy == pytest.approx(_norm_entropy(probs), abs=2e-6)
         z = torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
         assert layer.z_loss == pytest.approx(float(z), rel=1e-5)
-    # Routers are far from uniform at random init, so a loads-based entropy would differ.
-    assert report.layers[0].norm_entropy != pytest.approx(
-        _norm_entropy(torch.tensor([report.layers[0].loads], dtype=torch.float64)), abs=1e-4
-    )
+    # The loads-based fallback would give another value: the check above really used the probabilities.
+    loads = torch.tensor([report.layers[0].loads], dtype=torch.float64)
+    assert report.layers[0].norm_entropy != pytest.approx(_norm_entropy(loads / loads.sum()), abs=1e-4)
 
 
 # --- detaching ----------------------------------------------------------------------------------------

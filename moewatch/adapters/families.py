@@ -64,12 +64,24 @@ def _topk_indices(logits_TE: torch.Tensor, k: int) -> torch.Tensor:
 # --- Hugging Face transformers 5.x -------------------------------------------------------------
 
 
+@functools.cache
+def _first_output_is_probs(cls: type) -> bool:
+    """Gemma4-style routers return ``(router_probabilities, weights, indices)``: their ``forward`` names a
+    probability tensor and no logits."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    names = code.co_varnames if code is not None else ()
+    return any("prob" in n for n in names) and not any("logit" in n for n in names)
+
+
 def _read_hf(spec: RouterSpec):
     k, sf = spec.top_k, spec.score_func
+    probs_first = _first_output_is_probs(type(spec.module))
 
     def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
         if isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point():
             # (router_logits_TE, top_scores_TK, top_indices_TK): Mixtral, Qwen*-MoE, OLMoE, DeepSeek-V3, ...
+            if probs_first:
+                return RouterOutput(indices_TK=out[2], probs_TE=out[0])
             return RouterOutput(indices_TK=out[2], logits_TE=out[0], score_func=sf)
         if isinstance(out, tuple) and len(out) == 2:
             # Llama4: (router_scores_TE, router_logits_TE), sigmoid of the top-k logits.
@@ -83,14 +95,23 @@ def _read_hf(spec: RouterSpec):
     return read
 
 
+def _gating_experts(module: nn.Module) -> int | None:
+    """E of the router's gating projection: its own ``weight`` [E, H], else its only Linear child."""
+    w_e = _router_weight_experts(module)
+    if w_e is not None:
+        return w_e
+    linears = [m for m in module.children() if isinstance(m, nn.Linear)]
+    return linears[0].out_features if len(linears) == 1 else None
+
+
 def match_hf_topk(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    """A ``*Router``/``*Gate`` module that knows its E and k and holds an [E, H] gating projection."""
     cls = type(module).__name__
     if not _ROUTER_NAME.search(cls):
         return None
     e = find_int_attr([module], _E_NAMES[:2])
-    k = find_int_attr([module], ("top_k", "num_experts_per_tok"))
-    w_e = _router_weight_experts(module)
-    if e is None or k is None or w_e != e or e < 2:
+    k = find_int_attr([module], ("top_k", "num_experts_per_tok", "top_k_experts"))
+    if e is None or k is None or _gating_experts(module) != e or e < 2:
         return None
     spec = RouterSpec(name, module, module, "transformers", e, k, _noop, score_func=_score_func(module))
     spec.extract = _read_hf(spec)
