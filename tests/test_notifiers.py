@@ -59,7 +59,7 @@ def test_slack_collapse_and_recovery_messages() -> None:
     assert "*Firing: collapsed* (critical) — layers 0-2" in body
     assert "`model.layers.1.mlp.gate` — load_cov 1.8 &gt; 1 (collapsed)" in body  # value against threshold
     assert "2 dead experts: [1, 2]" in body
-    assert "Thresholds: load_cov warning ≥ 0.35 / collapsed > 1" in body
+    assert "Thresholds: load_cov warning ≥ 0.35 / collapsed > 1, dead_ratio warning > 0 / collapsed > 0.1" in body
     assert "<https://grafana.example.com/d/moewatch-layer?var-run=run-a&var-layer=0" in body
     assert all(b["type"] in {"header", "section", "context"} for b in fire["blocks"])
     assert all(len(b["text"]["text"]) <= 3000 for b in fire["blocks"] if b["type"] == "section")
@@ -112,6 +112,7 @@ def test_pagerduty_trigger_and_resolve_share_one_dedup_key() -> None:
     d = p["custom_details"]
     assert d["layers_firing"] == list(range(60)) and d["dead_expert_ids"]["7"] == [1, 2]
     assert d["firing"][0]["metrics"]["load_cov"] == 1.8 and d["truncated_alerts"] == 20
+    assert d["firing"][0]["thresholds"][0] == "load_cov 1.8 (warning >= 0.35, collapsed > 1)"
     assert first["links"][0]["href"].startswith("https://grafana.example.com/d/moewatch-layer?")
     assert update["payload"]["custom_details"]["dead_expert_ids"]["7"] == [1, 2, 3]
     assert other["payload"]["severity"] == "critical" and other["payload"]["class"] == "nonfinite"
@@ -155,6 +156,7 @@ def test_webhook_alertmanager_v4_payload() -> None:
     assert a["generatorURL"].startswith("https://grafana.example.com/d/moewatch-layer?var-run=run-a&var-layer=0")
     dead = next(x for x in fire["alerts"] if x["labels"]["alertname"] == "MoEWatchDeadExperts")
     assert dead["annotations"]["dead_expert_ids"] == "1,2"
+    assert "dead_ratio 0.25 (warning > 0, collapsed > 0.1)" in dead["annotations"]["metrics"]
     assert resolve["status"] == "resolved"
     assert {x["status"] for x in resolve["alerts"]} == {"resolved"}
     assert all(x["endsAt"] == "2023-11-14T22:14:00.000Z" for x in resolve["alerts"])

@@ -49,7 +49,7 @@ class _Track:
     module: str = ""
     state: str = ""
     reasons: list[str] = field(default_factory=list)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[MetricValue] = field(default_factory=list)
     dead_ids: list[int] = field(default_factory=list)
     nonfinite: int = 0
     step: int = 0
@@ -58,10 +58,11 @@ class _Track:
 
 def _metrics(layer: LayerReport, t: Thresholds) -> list[MetricValue]:
     return [
-        MetricValue("load_cov", layer.load_cov, t.load_cov_warning, t.load_cov_collapsed),
-        MetricValue("dead_ratio", layer.dead_ratio, t.dead_ratio_warning, t.dead_ratio_collapsed),
-        MetricValue("top2_excess", layer.top2_excess, t.top2_excess_warning, t.top2_excess_collapsed),
-        MetricValue("norm_entropy", layer.norm_entropy, t.entropy_warning, t.entropy_collapsed, False),
+        # Comparison operators as moewatch.health applies them.
+        MetricValue("load_cov", layer.load_cov, t.load_cov_warning, t.load_cov_collapsed, ">=", ">"),
+        MetricValue("dead_ratio", layer.dead_ratio, t.dead_ratio_warning, t.dead_ratio_collapsed, ">", ">"),
+        MetricValue("top2_excess", layer.top2_excess, t.top2_excess_warning, t.top2_excess_collapsed, ">", ">"),
+        MetricValue("norm_entropy", layer.norm_entropy, t.entropy_warning, t.entropy_collapsed, "<=", "<"),
     ]
 
 
@@ -95,6 +96,7 @@ class AlertEngine:
         for layer in report.layers:
             if layer.state is HealthState.INSUFFICIENT_DATA:
                 continue
+            metrics: list[MetricValue] | None = None
             for cond in cfg.conditions:
                 key = (layer.index, cond.value)
                 track = self._tracks.get(key)
@@ -103,7 +105,8 @@ class AlertEngine:
                         track = self._tracks[key] = _Track(layer.index, cond.value, run=report.run)
                     track.active += 1
                     track.clean = 0
-                    self._observe(track, layer, report)
+                    metrics = metrics or _metrics(layer, self.thresholds)
+                    self._observe(track, layer, report, metrics)
                     if track.status == "pending" and track.active >= cfg.for_windows:
                         self._fire(track, report)
                 elif track is not None:
@@ -112,14 +115,15 @@ class AlertEngine:
                         del self._tracks[key]
                         continue
                     track.clean += 1
-                    self._observe(track, layer, report)
+                    metrics = metrics or _metrics(layer, self.thresholds)
+                    self._observe(track, layer, report, metrics)
                     if track.clean >= cfg.resolve_windows:
                         del self._tracks[key]
                         if track.notified:
                             resolved.append(self._snapshot(track, "resolved", ends_at=now))
                             changed.add(key)
 
-        firing: list[Alert] = []
+        open_: list[tuple[_Track, tuple[int, ...]]] = []
         for key, track in sorted(self._tracks.items()):
             if track.status != "firing" or self._inhibited(track):
                 continue
@@ -134,16 +138,17 @@ class AlertEngine:
                 if new_dead:  # more experts died while the alert was firing: tell again
                     changed.add(key)
                 track.notified_dead = sorted(set(track.notified_dead) | set(track.dead_ids))
-            firing.append(self._snapshot(track, "firing", new_dead=new_dead))
+            open_.append((track, new_dead))
 
         repeat_due = (
-            bool(firing)
+            bool(open_)
             and self._last_notified is not None
             and now - self._last_notified >= cfg.repeat_interval
         )
         if not changed and not repeat_due:
             return None
         self._last_notified = now
+        firing = [self._snapshot(t, "firing", new_dead=nd) for t, nd in open_]
         alerts = tuple(firing + resolved)
         fps = frozenset(a.fingerprint for a in alerts if (a.layer, a.condition.value) in changed)
         return Notification(
@@ -163,11 +168,12 @@ class AlertEngine:
         src = self._tracks.get((track.layer, AlertCondition.COLLAPSED.value))
         return src is not None and src.status == "firing"
 
-    def _observe(self, track: _Track, layer: LayerReport, report: WindowReport) -> None:
+    @staticmethod
+    def _observe(track: _Track, layer: LayerReport, report: WindowReport, metrics: list[MetricValue]) -> None:
         track.module = layer.module
         track.state = layer.state.value
         track.reasons = list(layer.reasons)
-        track.metrics = [asdict(m) for m in _metrics(layer, self.thresholds)]
+        track.metrics = metrics
         track.dead_ids = list(layer.dead_expert_ids)
         track.nonfinite = layer.nonfinite
         track.step, track.window = report.step_end, report.window
@@ -215,7 +221,7 @@ class AlertEngine:
             incident=track.incident,
             layer_state=track.state,
             reasons=tuple(track.reasons),
-            metrics=tuple(MetricValue(**m) for m in track.metrics),
+            metrics=tuple(track.metrics),
             dead_expert_ids=tuple(track.dead_ids),
             new_dead_expert_ids=new_dead,
             nonfinite=track.nonfinite,
@@ -274,6 +280,7 @@ class AlertEngine:
         self._tracks = {}
         for raw in state.get("tracks", []):
             t = _Track(**raw)
+            t.metrics = [MetricValue(**m) for m in raw.get("metrics", [])]
             self._tracks[(t.layer, t.condition)] = t
 
     @property

@@ -33,19 +33,22 @@ def rfc3339(ts: float | None) -> str:
 
 @dataclass(frozen=True)
 class MetricValue:
-    """One metric against its thresholds; ``higher_is_worse`` says which way the comparison goes."""
+    """One metric against its thresholds: warning when ``value warning_op warning``, collapsed when
+    ``value collapsed_op collapsed``."""
 
     name: str
     value: float | None
     warning: float
     collapsed: float
-    higher_is_worse: bool = True
+    warning_op: str = ">="
+    collapsed_op: str = ">"
 
     def describe(self) -> str:
-        if self.value is None:
-            return f"{self.name} n/a"
-        op_w, op_c = (">=", ">") if self.higher_is_worse else ("<=", "<")
-        return f"{self.name} {self.value:.3g} (warning {op_w} {self.warning:g}, collapsed {op_c} {self.collapsed:g})"
+        value = "n/a" if self.value is None else f"{self.value:.3g}"
+        return (
+            f"{self.name} {value} (warning {self.warning_op} {self.warning:g}, "
+            f"collapsed {self.collapsed_op} {self.collapsed:g})"
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,8 @@ class Alert:
     @property
     def annotations(self) -> dict[str, str]:
         out = {"summary": self.summary, "description": self.description}
+        if self.metrics:
+            out["metrics"] = "; ".join(m.describe() for m in self.metrics)
         if self.dead_expert_ids:
             out["dead_expert_ids"] = ",".join(map(str, self.dead_expert_ids))
         return out

@@ -34,6 +34,7 @@ def _alert_details(a: Alert) -> dict[str, Any]:
         "summary": a.summary,
         "reasons": list(a.reasons),
         "metrics": {m.name: m.value for m in a.metrics},
+        "thresholds": [m.describe() for m in a.metrics],
         "dead_expert_ids": list(a.dead_expert_ids),
         "nonfinite": a.nonfinite,
         "started": rfc3339(a.starts_at),

@@ -23,6 +23,7 @@ __all__ = ["SlackNotifier", "slack_payload"]
 _SECTION_CHARS = 2900
 _MAX_BLOCKS = 48
 _MAX_LINES_PER_CONDITION = 20
+_OPS = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
 _EMOJI = {
     Severity.CRITICAL: ":rotating_light:",
     Severity.ERROR: ":red_circle:",
@@ -94,8 +95,8 @@ def _thresholds_line(alerts: list[Alert]) -> str | None:
     for a in alerts:
         if a.metrics:
             return "Thresholds: " + ", ".join(
-                f"{m.name} warning {'≥' if m.higher_is_worse else '≤'} {m.warning:g} / collapsed "
-                f"{'>' if m.higher_is_worse else '<'} {m.collapsed:g}"
+                f"{m.name} warning {_OPS[m.warning_op]} {m.warning:g} / collapsed {_OPS[m.collapsed_op]} "
+                f"{m.collapsed:g}"
                 for m in a.metrics
             )
     return None
