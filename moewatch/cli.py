@@ -93,7 +93,8 @@ def _summary(result: object, balance: str, out: Console) -> None:
         result.reports
     ) > 1 else 0.0
     states = ", ".join(f"{s.value}={sum(r.state is s for r in result.reports)}" for s in HealthState)
-    out.print(f"windows by run state: {states}; worst load CV after the first window: {worst_cov:.3f}")
+    out.print(f"windows by run state: {states}")
+    out.print(f"worst load CV after the first window: {worst_cov:.3f}")
     out.print(f"trained {result.reports[-1].step_end} steps in {result.seconds:.1f} s")
     if result.jsonl_path:
         out.print(f"JSONL log: {result.jsonl_path}")
