@@ -583,3 +583,50 @@ def test_extractor_returning_the_wrong_type() -> None:
     with _attach(model, routers=["layers.0.router"], extractor=lambda m, a, o: o, num_experts=6, top_k=2):
         with pytest.raises(TypeError, match="not moewatch.RouterOutput"):
             model(_x(0))
+
+
+# --- score function detection --------------------------------------------------------------------------
+
+
+class SigmoidTopKRouter(FakeTopKRouter):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.reshape(-1, H), self.weight)
+        weights, indices = torch.topk(logits.sigmoid(), self.top_k, dim=-1)
+        return logits, weights, indices
+
+
+def _with_bias(r: nn.Module) -> None:
+    r.register_buffer("e_score_correction_bias", torch.zeros(r.num_experts))
+
+
+def _with_attr(name: str, value: Any) -> Callable[[nn.Module], None]:
+    return lambda r: setattr(r, name, value)
+
+
+@pytest.mark.parametrize(
+    ("router_cls", "setup", "expected"),
+    [
+        (FakeTopKRouter, lambda r: None, "softmax"),
+        (FakeTopKRouter, _with_bias, "sigmoid"),
+        (FakeTopKRouter, _with_attr("score_func", "sigmoid"), "sigmoid"),
+        (FakeTopKRouter, _with_attr("scoring_function", nn.Sigmoid()), "sigmoid"),
+        (FakeTopKRouter, _with_attr("score_func", "softmax"), "softmax"),
+        (SigmoidTopKRouter, lambda r: None, "sigmoid"),
+    ],
+    ids=[
+        "default",
+        "correction-bias",
+        "score_func-str",
+        "activation-module",
+        "softmax-str",
+        "forward-uses-sigmoid",
+    ],
+)
+def test_score_function_is_read_from_structure(
+    router_cls: type, setup: Callable[[Any], None], expected: str
+) -> None:
+    block = FakeBlock()
+    block.gate = router_cls()
+    setup(block.gate)
+    with _attach(Stack([block])) as watch:
+        assert watch.routers[0].score_func == expected

@@ -22,7 +22,14 @@ __all__ = ["MATCHERS", "match_linear_gate", "linear_gate_spec"]
 
 _E_NAMES = ("num_experts", "num_local_experts", "moe_num_experts", "n_routed_experts", "num_moe_experts")
 _K_NAMES = ("top_k", "num_experts_per_tok", "moe_top_k", "moe_router_topk", "k", "topk", "experts_per_token")
-_SCORE_ATTRS = ("score_func", "scoring_func", "moe_router_score_function", "router_score_function")
+_SCORE_ATTRS = (
+    "score_func",
+    "scoring_func",
+    "score_fn",
+    "scoring_function",
+    "moe_router_score_function",
+    "router_score_function",
+)
 _ROUTER_NAME = re.compile(r"router|gate|gating", re.IGNORECASE)
 
 
@@ -44,7 +51,7 @@ def _score_func(module: nn.Module, *others: Any) -> ScoreFunc:
         for holder in (obj, getattr(obj, "config", None)):
             for attr in _SCORE_ATTRS:
                 v = getattr(holder, attr, None)
-                if isinstance(v, str) and v.lower() == "sigmoid":
+                if isinstance(v, nn.Sigmoid) or (isinstance(v, str) and v.lower() == "sigmoid"):
                     return "sigmoid"
     return "sigmoid" if _forward_is_sigmoid(type(module)) else "softmax"
 
