@@ -553,6 +553,11 @@ class _Flaky:
         return _extract(module, args, out)
 
 
+def test_extractor_without_routers_is_an_error() -> None:
+    with pytest.raises(ValueError, match="extractor= reads the modules named by routers="):
+        _attach(_linear_model(k_attr="top_k"), extractor=_extract)
+
+
 def test_failing_hook_is_logged_once_counted_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
     torch.manual_seed(0)
     model = Stack([DictMoE()])

@@ -72,6 +72,11 @@ def _match(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> 
 def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
     """Routers in module order. With ``cfg.routers`` only the named modules are considered, and each of
     them must be readable (by a known family, ``cfg.extractor``, or as a Linear gate with ``cfg.top_k``)."""
+    if cfg.extractor is not None and cfg.routers is None:
+        raise ValueError(
+            "moewatch: extractor= reads the modules named by routers=; pass both, e.g. "
+            "attach(model, routers=['layers.*.moe.router'], extractor=fn)"
+        )
     parents = _parents(model)
     specs: list[RouterSpec] = []
     claimed: list[str] = []
