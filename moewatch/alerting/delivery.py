@@ -60,7 +60,8 @@ class HttpNotifier(Protocol):
 
     name: str
     conditions: frozenset[AlertCondition]
-    min_interval: float
+    min_interval: float  # seconds between two requests (Slack: 1)
+    # Optional ``sends_repeats: bool`` (default True): False skips repeat notifications (PagerDuty).
 
     def render(self, notification: Notification) -> list[HttpRequest]: ...
 
@@ -293,8 +294,8 @@ class DeliveryWorker:
 
     # --- worker thread -----------------------------------------------------------------------------
 
-    def _past_deadline(self, extra: float = 0.0) -> bool:
-        return self._deadline is not None and time.monotonic() + extra > self._deadline
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() > self._deadline
 
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds``; False (at once) when the close deadline would pass first."""

@@ -157,7 +157,7 @@ class SlackNotifier:
         self.min_interval = min_interval
 
     def render(self, notification: Notification) -> list[HttpRequest]:
-        return [HttpRequest(self._url, slack_payload(notification), label=f"window {notification.window}")]
+        return [HttpRequest(self._url, slack_payload(notification), label="test" if notification.test else f"window {notification.window}")]
 
     def secrets(self) -> list[str]:
         return [self._url]

@@ -92,7 +92,8 @@ class WebhookNotifier:
     def render(self, notification: Notification) -> list[HttpRequest]:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         payload = alertmanager_payload(notification, self.receiver, self.max_alerts)
-        return [HttpRequest(self._url, payload, label=f"window {notification.window}", headers=headers)]
+        return [HttpRequest(self._url, payload, label="test" if notification.test else f"window {notification.window}",
+                            headers=headers)]
 
     def secrets(self) -> list[str]:
         return [s for s in (self._url, self._token) if s]
