@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from frameworks import deepspeed, megablocks, megatron, torchtitan
+from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 
 import moewatch
@@ -635,3 +636,44 @@ def test_score_function_is_read_from_structure(
     setup(block.gate)
     with _attach(Stack([block])) as watch:
         assert watch.routers[0].score_func == expected
+
+
+# --- hot path ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Stack([megatron.MoELayer(megatron.TransformerConfig(hidden_size=H, num_moe_experts=4))]),
+        lambda: _deepspeed_model(2),
+        lambda: _deepspeed_model(1, noisy_gate_policy="RSample"),
+        lambda: _torchtitan_model("sigmoid"),
+        lambda: Stack([megablocks.MoE(megablocks.Arguments(hidden_size=H, moe_top_k=2))]),
+    ],
+    ids=["megatron", "deepspeed-top2", "deepspeed-top1", "torchtitan", "megablocks"],
+)
+def test_hooks_never_synchronise_with_the_device(
+    build: Callable[[], nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build()
+    with no_host_sync_in_hooks(monkeypatch):
+        watch = _attach(model)
+    model(_x(0))
+    report = watch.flush()
+    watch.close()
+    assert all(layer.tokens == TOKENS for layer in report.layers)
+
+
+def test_sync_guard_catches_a_syncing_extractor(monkeypatch: pytest.MonkeyPatch) -> None:
+    def syncing(module: nn.Module, args: tuple[Any, ...], out: Any) -> moewatch.RouterOutput:
+        if out["choice"].max() > 99:  # a Python `if` on a device value
+            pass
+        return _extract(module, args, out)
+
+    torch.manual_seed(0)
+    model = Stack([DictMoE()])
+    with no_host_sync_in_hooks(monkeypatch):
+        watch = _attach(model, routers=["layers.0.router"], extractor=syncing, num_experts=6, top_k=2)
+    with pytest.raises(AssertionError, match="__bool__"):
+        model(_x(0))
+    watch.close()

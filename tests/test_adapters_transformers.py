@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 
 import moewatch
@@ -452,6 +453,17 @@ def test_counts_match_router_outputs_exactly(name: str) -> None:
         if case.output != "nllb":  # NLLB-MoE reports assignments after capacity
             assert layer.assignments == 3 * TOKENS * case.top_k
         assert layer.invalid_ids == 0 and layer.nonfinite == 0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hooks_never_synchronise_with_the_device(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    case, model = _build(name)
+    with no_host_sync_in_hooks(monkeypatch):
+        watch = _attach(model)
+    model(**_inputs(case, 0))
+    report = watch.flush()
+    watch.close()
+    assert all(layer.tokens == TOKENS for layer in report.layers)
 
 
 def test_switch_reports_capacity_drops() -> None:
