@@ -167,7 +167,7 @@ def _deepspeed_model(k: int, **gate_kw: Any) -> Stack:
     for _ in range(2):
         gate = deepspeed.TopKGate(H, 4, k=k, capacity_factor=1.0, min_capacity=2, **gate_kw)
         nn.init.normal_(gate.wg.weight, std=0.5)
-        layers.append(deepspeed.MOELayer(gate, deepspeed.Experts(H, 4), num_local_experts=4))
+        layers.append(deepspeed.MOELayer(gate, deepspeed.Experts(H, 4), "ep_size_1", 1, num_local_experts=4))
     return Stack(layers)
 
 

@@ -266,6 +266,8 @@ CASES: dict[str, Case] = {
             top_k_experts=2,
             moe_intermediate_size=16,
             head_dim=16,
+            vocab_size_per_layer_input=VOCAB,
+            hidden_size_per_layer_input=8,
         ),
         _names("model.layers.{}.router"),
         4,

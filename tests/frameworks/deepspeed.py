@@ -211,10 +211,21 @@ class TopKGate(nn.Module):
 class MOELayer(nn.Module):
     """Single-rank ``MOELayer``: dispatch by ``dispatch_mask``, combine by ``combine_weights``."""
 
-    def __init__(self, gate: nn.Module, experts: nn.Module, num_local_experts: int) -> None:
+    def __init__(
+        self,
+        gate: nn.Module,
+        experts: nn.Module,
+        ep_group_name: str | None,
+        ep_size: int,
+        num_local_experts: int,
+        use_tutel: bool = False,
+    ) -> None:
         super().__init__()
+        assert ep_size == 1 and not use_tutel, "single-rank replica"
         self.gate = gate
         self.experts = experts
+        self.ep_group_name = ep_group_name
+        self.ep_size = ep_size
         self.num_local_experts = num_local_experts
         self.exp_counts: Tensor | None = None
 

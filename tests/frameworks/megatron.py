@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ def topk_softmax_with_capacity(
 class Router(nn.Module):
     """Upstream: ``Router(ABC, MegatronModule)``."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerConfig, model_comm_pgs: Any = None) -> None:
         super().__init__()
         self.config = config
         self.num_experts = config.num_moe_experts
@@ -104,8 +105,8 @@ class Router(nn.Module):
 class TopKRouter(Router):
     """Route each token to the top-k experts."""
 
-    def __init__(self, config: TransformerConfig) -> None:
-        super().__init__(config)
+    def __init__(self, config: TransformerConfig, model_comm_pgs: Any = None) -> None:
+        super().__init__(config, model_comm_pgs)
         self.topk = config.moe_router_topk
         self.routing_type = config.moe_router_load_balancing_type
         self.score_function = config.moe_router_score_function
