@@ -83,6 +83,12 @@ def _has_data(base: str, expr: str) -> bool:
     return any(math.isfinite(float(r["value"][1])) for r in result)
 
 
+def _label_values(base: str, match: str, label: str) -> list[str]:
+    r = requests.get(f"{base}/api/v1/label/{label}/values", params={"match[]": match}, timeout=5).json()
+    assert r["status"] == "success", r
+    return r["data"]
+
+
 def _firing(base: str, alert: str, **labels: str) -> list[dict]:
     sel = ",".join(
         [f'alertname="{alert}"', 'alertstate="firing"'] + [f'{k}="{v}"' for k, v in labels.items()]
@@ -144,6 +150,15 @@ def test_prometheus_end_to_end(tmp_path: Path) -> None:
                     wait_until(
                         lambda q=q: _has_data(prom, q), 30, what=f"data for {name} / {title} / {run}: {q}"
                     )
+
+        # ... and so does every label_values() variable query
+        for name, build in DASHBOARDS.items():
+            for var in build()["templating"]["list"]:
+                m = re.fullmatch(r"label_values\((.+), (\w+)\)", var.get("definition", ""))
+                if m:
+                    values = _label_values(prom, _substitute(m.group(1), RUNS["none"]), m.group(2))
+                    expected = RUNS["none"] if m.group(2) == "run" else "0"
+                    assert expected in values, f"{name} variable {var['name']}: {values}"
 
         # 3. the bias run was watched long enough and never even went pending
         wait_until(
