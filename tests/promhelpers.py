@@ -63,7 +63,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+def wait_until(
+    check: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -74,7 +76,9 @@ def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.2, 
         except Exception as exc:  # noqa: BLE001 - retry until the deadline
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f": {last_exc!r}" if last_exc else ""))
+    raise AssertionError(
+        f"timed out after {timeout:.0f}s waiting for {what}" + (f": {last_exc!r}" if last_exc else "")
+    )
 
 
 @contextmanager
@@ -112,7 +116,11 @@ def _ready(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> bool:
 
 @contextmanager
 def start_prometheus(
-    tmp: Path, targets: Sequence[str], rule_files: Sequence[Path] = (), job: str = "moewatch", interval: str = "1s"
+    tmp: Path,
+    targets: Sequence[str],
+    rule_files: Sequence[Path] = (),
+    job: str = "moewatch",
+    interval: str = "1s",
 ) -> Iterator[str]:
     """A real Prometheus on loopback scraping ``targets`` (host:port) every ``interval``; yields its URL."""
     binary = require_binary("prometheus")
@@ -133,7 +141,9 @@ def start_prometheus(
     ]
     url = f"http://127.0.0.1:{port}"
     with managed_process(argv, tmp / "prometheus.log") as proc:
-        wait_until(lambda: _ready(url + "/-/ready", proc, tmp / "prometheus.log"), 30, what="Prometheus ready")
+        wait_until(
+            lambda: _ready(url + "/-/ready", proc, tmp / "prometheus.log"), 30, what="Prometheus ready"
+        )
         yield url
 
 
@@ -144,7 +154,9 @@ def start_pushgateway(tmp: Path) -> Iterator[str]:
     argv = [binary, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     url = f"http://127.0.0.1:{port}"
     with managed_process(argv, tmp / "pushgateway.log") as proc:
-        wait_until(lambda: _ready(url + "/-/ready", proc, tmp / "pushgateway.log"), 30, what="Pushgateway ready")
+        wait_until(
+            lambda: _ready(url + "/-/ready", proc, tmp / "pushgateway.log"), 30, what="Pushgateway ready"
+        )
         yield url
 
 
@@ -158,7 +170,9 @@ def prom_query(base: str, expr: str) -> list[dict[str, Any]]:
 # --- reports and a toy MoE ------------------------------------------------------------------
 
 
-def layer_report(index: int, loads: list[int], state: HealthState = HealthState.HEALTHY, **kw: Any) -> LayerReport:
+def layer_report(
+    index: int, loads: list[int], state: HealthState = HealthState.HEALTHY, **kw: Any
+) -> LayerReport:
     e = len(loads)
     total = sum(loads)
     fields: dict[str, Any] = dict(
@@ -177,7 +191,9 @@ def layer_report(index: int, loads: list[int], state: HealthState = HealthState.
     return LayerReport(**fields)
 
 
-def window_report(layers: list[LayerReport], window: int = 0, run: str = "r1", steps: int = 10) -> WindowReport:
+def window_report(
+    layers: list[LayerReport], window: int = 0, run: str = "r1", steps: int = 10
+) -> WindowReport:
     worst = max((layer.state for layer in layers), key=lambda s: s.severity)
     return WindowReport(
         run=run,

@@ -83,6 +83,14 @@ def _has_data(base: str, expr: str) -> bool:
     return any(math.isfinite(float(r["value"][1])) for r in result)
 
 
+def _first_ts(base: str, selector: str, value: float | None = None) -> float:
+    """Timestamp of the first raw sample of ``selector`` (a range selector), optionally with ``value``."""
+    result = prom_query(base, selector)
+    stamps = [float(ts) for r in result for ts, v in r["values"] if value is None or float(v) == value]
+    assert stamps, f"no samples for {selector}"
+    return min(stamps)
+
+
 def _label_values(base: str, match: str, label: str) -> list[str]:
     r = requests.get(f"{base}/api/v1/label/{label}/values", params={"match[]": match}, timeout=5).json()
     assert r["status"] == "success", r
@@ -128,18 +136,19 @@ def test_prometheus_end_to_end(tmp_path: Path) -> None:
             what="collapse alert firing",
         )
         fired_after = time.monotonic() - t0
+        # raw samples (a range selector in an instant query) carry exact scrape / rule-evaluation times
         none = RUNS["none"]
-        collapsed_q = f'min(min_over_time(timestamp(moewatch_layer_state{{run="{none}"}} == 2)[5m:1s]))'
-        firing_q = (
-            'min(min_over_time(timestamp(ALERTS{alertname="MoEWatchLayerCollapsed",alertstate="firing",'
-            f'run="{none}"}})[5m:1s]))'
-        )
-        first_collapsed = wait_until(lambda: prom_query(prom, collapsed_q), 10, what="collapsed samples")
-        first_firing = wait_until(lambda: prom_query(prom, firing_q), 10, what="firing samples")
-        lag = float(first_firing[0]["value"][1]) - float(first_collapsed[0]["value"][1])
-        log.warning("e2e: collapse alert firing for layers %s, %.1fs after Prometheus start, %.0fs after the "
-                    "first collapsed sample (for: %s)", sorted(a["metric"]["layer"] for a in fired), fired_after, lag, FOR)  # fmt: skip
-        assert lag >= 3, "fired before its `for` elapsed"
+        alert = f'ALERTS{{alertname="MoEWatchLayerCollapsed",run="{none}",layer="0"'
+        collapsed_at = _first_ts(prom, f'moewatch_layer_state{{run="{none}",layer="0"}}[5m]', value=2)
+        pending_at = _first_ts(prom, alert + ',alertstate="pending"}[5m]')
+        firing_at = _first_ts(prom, alert + ',alertstate="firing"}[5m]')
+        log.warning(
+            "e2e: collapse alert of layer 0: first collapsed scrape +0.0s, pending +%.1fs, firing +%.1fs "
+            "(for: %s); layers firing %s, %.1fs after Prometheus started",
+            pending_at - collapsed_at, firing_at - collapsed_at, FOR,
+            sorted(a["metric"]["layer"] for a in fired), fired_after,
+        )  # fmt: skip
+        assert collapsed_at <= pending_at and firing_at - pending_at >= 3, "fired before its `for` elapsed"
         assert all(a["metric"]["severity"] == "critical" for a in fired)
 
         # 2. every dashboard panel query returns data (for both runs)
