@@ -1,0 +1,7 @@
+"""Router adapters: find every router in a model (:func:`discover_routers`) and read each call's output
+into a :class:`RouterOutput` for the accumulator. Families are recognised by structure, see ``families``."""
+
+from moewatch.adapters.base import RouterInfo, RouterOutput, RouterSpec, ScoreFunc
+from moewatch.adapters.discovery import NoRouterFoundError, discover_routers
+
+__all__ = ["NoRouterFoundError", "RouterInfo", "RouterOutput", "RouterSpec", "ScoreFunc", "discover_routers"]
