@@ -16,8 +16,8 @@ __all__ = ["NoRouterFoundError", "discover_routers"]
 log = logging.getLogger(__name__)
 
 _LOOKED_FOR = (
-    "transformers *TopKRouter/*Router modules (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama4, DBRX, "
-    "Switch, ...), Megatron-Core TopKRouter, DeepSpeed TopKGate, torchtitan TokenChoiceTopKRouter, "
+    "transformers *TopKRouter/*Router modules (Mixtral, Qwen-MoE, OLMoE, DeepSeek-V3, GPT-OSS, Llama4, Gemma4, "
+    "DBRX, Switch, NLLB-MoE, ...), Megatron-Core TopKRouter, DeepSpeed TopKGate, torchtitan TokenChoiceTopKRouter, "
     "MegaBlocks LearnedRouter, and nn.Linear gates named gate/router/wg beside an `experts` module"
 )
 
