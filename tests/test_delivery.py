@@ -189,3 +189,24 @@ def test_alerts_delivered_once_after_outage_none_twice() -> None:
     assert len(delivered) == 2 and len(set(delivered)) == 2
     assert delivered[0].startswith("[FIRING:8]") and delivered[1].startswith("[RESOLVED]")
     assert sink.delivery_stats()["slack"] == {"sent": 2, "failed": 0, "retried": 5, "dropped": 0}
+
+
+def test_unclosed_sink_flushes_at_interpreter_exit() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; from webhook_server import make_layer, make_report\n"
+        "from moewatch.alerting.settings import AlertsConfig\n"
+        "from moewatch.alerting.sink import AlertSink\n"
+        "sink = AlertSink(AlertsConfig(webhook_url=sys.argv[1], close_timeout=10, read_timeout=0.3,"
+        " backoff_initial=0.01))\n"
+        "sink.emit(make_report(0, [make_layer(0, 'collapsed')]))\n"  # and exit without close()
+    )
+    # the endpoint is slow: the message is still queued when the interpreter starts to exit
+    with WebhookServer([("hang",)]) as srv:
+        env = {"PYTHONPATH": str(Path(__file__).parent), "PATH": "/usr/bin:/bin"}
+        subprocess.run([sys.executable, "-c", code, srv.url()], env=env, check=True, timeout=60)
+        delivered = srv.answered(200)
+    assert len(delivered) == 1 and delivered[0].body["status"] == "firing"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import logging
 import time
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -73,6 +75,18 @@ class AlertSink:
         self.log_notifier = LogNotifier() if use_log else None
         self._incidents: dict[str, str] = {}
         self._closed = False
+        self._atexit = None
+        if self.workers:
+            # A script that never closes its monitor still gets its last alerts out (bounded by close_timeout).
+            ref = weakref.ref(self)
+
+            def _close_at_exit() -> None:
+                sink = ref()
+                if sink is not None:
+                    sink.close()
+
+            self._atexit = _close_at_exit
+            atexit.register(_close_at_exit)
 
     def emit(self, report: WindowReport) -> None:
         if self._closed:
@@ -120,6 +134,8 @@ class AlertSink:
         if self._closed:
             return
         self._closed = True
+        if self._atexit is not None:
+            atexit.unregister(self._atexit)
         deadline = time.monotonic() + self.config.close_timeout
         for w in self.workers:
             w.request_close(deadline)
