@@ -35,12 +35,27 @@ class WindowCounts:
 
 
 class _Buffers:
-    __slots__ = ("counts_LE1", "stats_LS", "one")
+    """One device's buffers, plus per-layer views of them made once so that an update slices nothing."""
 
-    def __init__(self, n_layers: int, e_max: int, device: torch.device) -> None:
+    __slots__ = ("counts_LE1", "stats_LS", "one", "ones_N", "count_rows", "prob_rows", "z_cells", "finite_cells",
+                 "dropped_cells")
+
+    def __init__(self, num_experts: list[int], e_max: int, device: torch.device) -> None:
+        n_layers = len(num_experts)
         self.counts_LE1 = torch.zeros(n_layers, e_max + 1, dtype=torch.int64, device=device)
         self.stats_LS = torch.zeros(n_layers, e_max + 3, dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.int64, device=device)
+        self.ones_N = self.one.expand(0)  # the index_add_ source of the last call's size, a view of `one`
+        self.count_rows = list(self.counts_LE1.unbind(0))
+        self.prob_rows = [self.stats_LS[i, :e] for i, e in enumerate(num_experts)]
+        self.z_cells = list(self.stats_LS[:, e_max].unbind(0))
+        self.finite_cells = list(self.stats_LS[:, e_max + 1].unbind(0))
+        self.dropped_cells = list(self.stats_LS[:, e_max + 2].unbind(0))
+
+    def ones(self, n: int) -> torch.Tensor:
+        if self.ones_N.shape[0] != n:
+            self.ones_N = self.one.expand(n)
+        return self.ones_N
 
     def zero_(self) -> None:
         self.counts_LE1.zero_()
@@ -48,7 +63,10 @@ class _Buffers:
 
 
 class Accumulator:
-    """Per-router counters, updated in place with no host synchronisation."""
+    """Per-router counters, updated in place with no host synchronisation.
+
+    Per router call with indices and softmax logits (the common case) this launches 10 kernels: 3 to count
+    (clamp, remainder, index_add_) and 7 for the probability sums, z-loss and finite rows."""
 
     def __init__(self, num_experts: list[int]) -> None:
         self.num_experts = list(num_experts)
@@ -68,7 +86,7 @@ class Accumulator:
             return last[1]
         bufs = self._bufs.get(device)
         if bufs is None:
-            bufs = self._bufs[device] = _Buffers(self.n_layers, self.e_max, device)
+            bufs = self._bufs[device] = _Buffers(self.num_experts, self.e_max, device)
         self._last = (device, bufs)
         return bufs
 
@@ -77,16 +95,18 @@ class Accumulator:
         return list(self._bufs)
 
     def update(self, layer: int, out: RouterOutput, top_k: int) -> None:
-        """Add one router call. Must run under ``torch.no_grad()``."""
+        """Add one router call. Must run with gradients disabled."""
         e = self.num_experts[layer]
-        if out.indices_TK is not None:
-            idx = out.indices_TK
+        idx = out.indices_TK
+        if idx is not None:
             bufs = self._buffers(idx.device)
             n = idx.numel()
             self.tokens_L[layer] += n // top_k
+            if idx.dtype is not torch.int64 and idx.dtype is not torch.int32:
+                idx = idx.long()
             # Ids outside [0, E) land in column E: clamp to [-1, E], then -1 -> E by remainder.
-            ids = torch.remainder(idx.reshape(-1).long().clamp(-1, e), e + 1)
-            bufs.counts_LE1[layer].index_add_(0, ids, bufs.one.expand(n))
+            ids_N = torch.remainder(idx.clamp(-1, e), e + 1).view(-1)
+            bufs.count_rows[layer].index_add_(0, ids_N, bufs.ones(n))
         elif out.routing_map_TE is not None:
             rmap = out.routing_map_TE.reshape(-1, e)
             bufs = self._buffers(rmap.device)
@@ -100,28 +120,40 @@ class Accumulator:
         else:
             raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
 
-        row = bufs.stats_LS[layer]
-        if out.probs_TE is not None:
-            probs = out.probs_TE.detach().reshape(-1, e).float()
-            row[:e].add_(torch.nansum(probs, dim=0))
-            self.prob_tokens_L[layer] += probs.shape[0]
-            row[self.col_finite].add_(torch.isfinite(probs).all(dim=-1).sum())
-        elif out.logits_TE is not None:
-            logits = out.logits_TE.detach().reshape(-1, e).float()
+        if out.logits_TE is not None and out.probs_TE is None:
+            logits = out.logits_TE.detach()
+            if logits.dim() != 2:
+                logits = logits.reshape(-1, e)
+            if logits.dtype is not torch.float32:
+                logits = logits.float()
+            self.prob_tokens_L[layer] += logits.shape[0]
             if out.score_func == "sigmoid":
                 scores = torch.sigmoid(logits)
-                probs = scores / scores.sum(dim=-1, keepdim=True)
+                bufs.prob_rows[layer].add_(torch.nansum(scores / scores.sum(dim=-1, keepdim=True), dim=0))
+                lse_T = torch.logsumexp(logits, dim=-1)
+                finite_T = torch.isfinite(lse_T)
+                bufs.finite_cells[layer].add_(finite_T.sum())
+                lse_T = torch.where(finite_T, lse_T, 0.0)
             else:
-                probs = torch.softmax(logits, dim=-1)
-            row[:e].add_(torch.nansum(probs, dim=0))  # NaN rows (non-finite logits) add nothing
-            lse_T = torch.logsumexp(logits, dim=-1)
-            finite_T = torch.isfinite(lse_T)
-            lse_T = torch.where(finite_T, lse_T, 0.0)
-            row[self.col_z].add_(torch.dot(lse_T, lse_T))
-            row[self.col_finite].add_(finite_T.sum())
-            self.prob_tokens_L[layer] += logits.shape[0]
+                # CPU softmax kernels are several times slower over a last dim narrower than one vector
+                # register (E < 16) than over the token dim of the transposed view; the math is the same.
+                ed, td = (0, 1) if e < 16 and logits.device.type == "cpu" else (1, 0)
+                x = logits.t() if ed == 0 else logits
+                logp = torch.log_softmax(x, dim=ed)
+                bufs.prob_rows[layer].add_(torch.nansum(torch.exp(logp), dim=td))  # non-finite rows add nothing
+                # logsumexp = max(logit) - max(log p) (same expert): two cheap reductions instead of
+                # logsumexp's five kernels. NaN, never +-inf, exactly when a row holds NaN/+inf or is all -inf.
+                lse_T = torch.amax(x, dim=ed) - torch.amax(logp, dim=ed)
+                bufs.finite_cells[layer].add_(torch.count_nonzero(lse_T == lse_T))
+                lse_T = torch.nan_to_num(lse_T, nan=0.0)
+            bufs.z_cells[layer].add_(torch.dot(lse_T, lse_T))
+        elif out.probs_TE is not None:
+            probs = out.probs_TE.detach().reshape(-1, e).float()
+            bufs.prob_rows[layer].add_(torch.nansum(probs, dim=0))
+            self.prob_tokens_L[layer] += probs.shape[0]
+            bufs.finite_cells[layer].add_(torch.isfinite(probs).all(dim=-1).sum())
         if out.dropped is not None:
-            row[self.col_dropped].add_(out.dropped)
+            bufs.dropped_cells[layer].add_(out.dropped.detach())
 
     def pack(self) -> torch.Tensor | None:
         """Everything of the window in one float64 tensor ``[L, Emax + 1 + Emax + 3]`` on the first device

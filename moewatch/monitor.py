@@ -214,13 +214,18 @@ class Monitor:
     def _make_hook(self, i: int, spec: RouterSpec) -> Callable[..., None]:
         acc, top_k, count_eval, strict = self._acc, spec.top_k, self.config.count_eval, self.config.strict
         extract = spec.extract
+        disabled = self._disabled
+        set_grad_enabled, in_graph_task = torch._C._set_grad_enabled, torch._C._current_graph_task_id
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not (module.training or count_eval) or self._disabled[i] or _in_backward():
+            # Called for every router call: keep it to a few attribute reads before the device work.
+            # in_graph_task() != -1: activation checkpointing re-running this forward inside backward.
+            if not (module.training or count_eval) or disabled[i] or in_graph_task() != -1:
                 return
+            grad_was_enabled = torch.is_grad_enabled()
             try:
-                with torch.no_grad():
-                    acc.update(i, extract(module, args, output), top_k)
+                set_grad_enabled(False)  # torch.no_grad() without its context-manager overhead
+                acc.update(i, extract(module, args, output), top_k)
             except Exception as exc:
                 if strict:
                     raise
@@ -230,6 +235,8 @@ class Monitor:
                     "moewatch: reading router %r (%s) failed and it is skipped from now on: %s: %s",
                     spec.name, spec.family, type(exc).__name__, exc,
                 )
+            finally:
+                set_grad_enabled(grad_was_enabled)
 
         return hook
 
