@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
+
+from moewatch.exporter.exposition import SPLIT, escape_label, gzip_member, render_family_text
 
 from moewatch.report import STATE_VALUES, LayerReport, WindowReport
 
@@ -60,6 +63,20 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("moewatch_layer_experts", "num_experts", "Experts of the router."),
     ("moewatch_layer_top_k", "top_k", "Experts chosen per token."),
 )
+
+
+_EXPERT_ASSIGNED_HELP = "Assignments (token, expert pairs) routed to the expert, cumulative over windows."
+_EXPERT_DEAD_HELP = "1 if the expert was dead (below dead_fraction of fair share) in the last window."
+
+
+class _Families:
+    """A ready list of families, in the shape ``generate_latest`` reads."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> list[Metric]:
+        return self._families
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,8 @@ class MoEWatchCollector(Collector):
         self._build = _versions()
         self._stats_failed: set[int] = set()
         self._cache: tuple[_Snapshot | None, list[Metric]] | None = None
+        self._text_cache: dict[bool, tuple[_Snapshot | None, bytes]] = {}
+        self._text_lock = threading.Lock()
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -164,7 +183,46 @@ class MoEWatchCollector(Collector):
         if self._count_scrapes:
             with self._lock:
                 self._scrapes += 1
-        yield from self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+        if SPLIT.active:  # our HTTP app appends the per-window families from static_exposition()
+            yield from self._live_families(self._snap, scrapes=self._scrapes, with_samples=True)
+        else:
+            yield from self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+
+    def static_exposition(self, gzipped: bool = False) -> bytes:
+        """The families that change once per window, in text format 0.0.4, rendered once per window."""
+        snap = self._snap
+        with self._text_lock:
+            cached = self._text_cache.get(gzipped)
+            if cached is not None and cached[0] is snap:
+                return cached[1]
+            plain = self._text_cache.get(False)
+            if plain is None or plain[0] is not snap:
+                plain = (snap, self._render_static(snap))
+                self._text_cache[False] = plain
+            result = (snap, gzip_member(plain[1]) if gzipped else plain[1])
+            self._text_cache[gzipped] = result
+            return result[1]
+
+    def _render_static(self, snap: _Snapshot | None) -> bytes:
+        fams = [*self._window_families(snap, True), *self._layer_families(snap, True)]
+        text = generate_latest(_Families(fams))
+        if self.per_expert and snap is not None:
+            text += self._expert_text(snap).encode()
+        return text
+
+    def _expert_text(self, snap: _Snapshot) -> str:
+        # Same bytes as prometheus-client would write for _expert_families(), ~20x faster.
+        run = escape_label(self.run)
+        assigned: list[tuple[str, float]] = []
+        dead: list[tuple[str, float]] = []
+        for layer, totals, dead_ids in zip(snap.report.layers, snap.expert_totals, snap.expert_dead, strict=True):
+            # prometheus-client writes labels sorted by name: expert, layer, module, run.
+            rest = f'",layer="{layer.index}",module="{escape_label(layer.module)}",run="{run}"'
+            assigned.extend((f'expert="{e}{rest}', n) for e, n in enumerate(totals))
+            dead.extend((f'expert="{e}{rest}', 1.0 if e in dead_ids else 0.0) for e in range(len(totals)))
+        return render_family_text(
+            "moewatch_expert_assignments", "counter", _EXPERT_ASSIGNED_HELP, assigned, "_total"
+        ) + render_family_text("moewatch_expert_dead", "gauge", _EXPERT_DEAD_HELP, dead)
 
     def peek(self) -> Iterator[Metric]:
         """Like ``collect()`` but not counted as a scrape (for pushes)."""
@@ -173,6 +231,10 @@ class MoEWatchCollector(Collector):
     # --- families -----------------------------------------------------------------------------
 
     def _families(self, snap: _Snapshot | None, scrapes: int, with_samples: bool) -> Iterator[Metric]:
+        yield from self._live_families(snap, scrapes, with_samples)
+        yield from self._report_families(snap, with_samples)
+
+    def _live_families(self, snap: _Snapshot | None, scrapes: int, with_samples: bool) -> Iterator[Metric]:
         run = [self.run]
         build = GaugeMetricFamily(
             "moewatch_build_info", "moewatch build information (value 1).", labels=["run", *self._build]
@@ -196,7 +258,6 @@ class MoEWatchCollector(Collector):
         yield from (build, windows, tokens, hook_errors, scrape_c)
         yield from self._notifications(with_samples)
         yield from self._pushes(with_samples)
-        yield from self._report_families(snap, with_samples)
 
     def _report_families(self, snap: _Snapshot | None, with_samples: bool) -> list[Metric]:
         # Families that depend only on the immutable snapshot are built once per window, not per scrape
@@ -314,16 +375,8 @@ class MoEWatchCollector(Collector):
 
     def _expert_families(self, snap: _Snapshot | None, with_samples: bool) -> Iterator[Metric]:
         labels_e = [*LAYER_LABELS, "expert"]
-        assigned = CounterMetricFamily(
-            "moewatch_expert_assignments",
-            "Assignments (token, expert pairs) routed to the expert, cumulative over windows.",
-            labels=labels_e,
-        )
-        dead = GaugeMetricFamily(
-            "moewatch_expert_dead",
-            "1 if the expert was dead (below dead_fraction of fair share) in the last window.",
-            labels=labels_e,
-        )
+        assigned = CounterMetricFamily("moewatch_expert_assignments", _EXPERT_ASSIGNED_HELP, labels=labels_e)
+        dead = GaugeMetricFamily("moewatch_expert_dead", _EXPERT_DEAD_HELP, labels=labels_e)
         if with_samples and snap is not None:
             for layer, totals, dead_ids in zip(
                 snap.report.layers, snap.expert_totals, snap.expert_dead, strict=True

@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
+from moewatch.exporter.exposition import split_app
 from moewatch.exporter.settings import PrometheusConfig
 
 __all__ = ["MetricsServer", "start_metrics_server"]
@@ -46,7 +48,9 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def start_metrics_server(config: PrometheusConfig, registry: CollectorRegistry) -> MetricsServer:
+def start_metrics_server(
+    config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None = None
+) -> MetricsServer:
     """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ValueError`` naming the key."""
     for key, path in (("certfile", config.certfile), ("keyfile", config.keyfile)):
         if path is not None and not path.is_file():
@@ -72,6 +76,9 @@ def start_metrics_server(config: PrometheusConfig, registry: CollectorRegistry) 
             f"moewatch cannot serve Prometheus metrics on {config.host}:{config.port}: {exc.strerror or exc}; "
             "check prometheus.host (MOEWATCH_PROMETHEUS__HOST), prometheus.certfile/keyfile, or " + _HINT
         ) from None
+    if static is not None:
+        # Requests look the app up per request, and nobody knows the port before we return.
+        httpd.set_app(split_app(httpd.get_app(), static))
     port = int(httpd.server_address[1])
     scheme = "https" if config.certfile else "http"
     url = f"{scheme}://{_url_host(config.host)}:{port}/metrics"

@@ -1,0 +1,85 @@
+"""The HTTP scrape serves per-window families from a per-window cache; it must equal prometheus-client's
+own full render, plain and gzipped, including label escaping."""
+
+from __future__ import annotations
+
+import gzip
+
+import requests
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+from promhelpers import layer_report, window_report
+
+from moewatch.exporter import PrometheusConfig, PrometheusExporter
+from moewatch.exporter.collector import MoEWatchCollector
+
+
+def _report():
+    layers = [
+        layer_report(i, loads=[5 * i + e for e in range(16)], module=f'model.layers.{i}.mlp."gate"\\x')
+        for i in range(3)
+    ]
+    return window_report(layers, run='run "q"')
+
+
+def _samples(text: str) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name != "moewatch_scrapes_total":
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _headers(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.startswith("#"))
+
+
+def test_expert_text_is_byte_identical_to_prometheus_client():
+    c = MoEWatchCollector('run "q"')
+    c.update(_report())
+    snap = c._snap
+
+    class Fams:
+        def collect(self):
+            return c._expert_families(snap, True)
+
+    assert c._expert_text(snap).encode() == generate_latest(Fams())
+
+
+def test_http_scrape_equals_full_render_plain_and_gzip():
+    registry = CollectorRegistry()
+    ex = PrometheusExporter('run "q"', PrometheusConfig(host="127.0.0.1", port=0), registry=registry)
+    try:
+        for _ in range(2):  # two windows: the cache must follow the newest snapshot
+            ex.emit(_report())
+            full = generate_latest(registry).decode()
+            plain = requests.get(ex.url, headers={"Accept-Encoding": "identity"}, timeout=10)
+            zipped = requests.get(ex.url, headers={"Accept-Encoding": "gzip"}, timeout=10, stream=True)
+            raw = zipped.raw.read()
+            assert zipped.headers["Content-Encoding"] == "gzip"
+            unzipped = gzip.decompress(raw).decode()  # several gzip members, one stream
+            for body in (plain.text, unzipped):
+                assert _samples(body) == _samples(full)
+                assert _headers(body) == _headers(full)
+        counts = _samples(plain.text)
+        key = (
+            "moewatch_expert_assignments_total",
+            tuple(sorted({"run": 'run "q"', "layer": "2", "module": 'model.layers.2.mlp."gate"\\x', "expert": "3"}.items())),
+        )
+        assert counts[key] == 2 * (5 * 2 + 3)  # cumulative over the two windows
+    finally:
+        ex.close()
+
+
+def test_filtered_scrape_falls_back_to_full_render():
+    ex = PrometheusExporter("r", PrometheusConfig(host="127.0.0.1", port=0), registry=CollectorRegistry())
+    try:
+        ex.emit(_report())
+        body = requests.get(ex.url, params={"name[]": "moewatch_layer_state"}, timeout=10).text
+        # prometheus-client's own filtered render, nothing appended twice
+        assert body.count("# TYPE moewatch_layer_state gauge") == 1
+        assert body.count("# TYPE moewatch_expert_dead gauge") <= 1
+    finally:
+        ex.close()
