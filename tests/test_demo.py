@@ -40,7 +40,7 @@ def test_balance_bias_stays_healthy_after_warmup(tmp_path, seed):
     after_warmup = result.reports[1:]  # the first window is the bias's warm-up
     assert len(after_warmup) == 29
     for r in after_warmup:
-        assert r.state is HealthState.HEALTHY, (r.step_end, [(l.state, l.reasons) for l in r.layers])
+        assert r.state is HealthState.HEALTHY, (r.step_end, [(la.state, la.reasons) for la in r.layers])
         assert all(layer.load_cov < 0.2 for layer in r.layers)
 
 

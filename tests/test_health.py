@@ -6,7 +6,7 @@ from moewatch.config import Thresholds
 from moewatch.health import classify_layer, worst
 from moewatch.report import HealthState
 
-H, W, C, I = (HealthState.HEALTHY, HealthState.WARNING, HealthState.COLLAPSED, HealthState.INSUFFICIENT_DATA)
+H, W, C, INS = (HealthState.HEALTHY, HealthState.WARNING, HealthState.COLLAPSED, HealthState.INSUFFICIENT_DATA)
 
 BASE = dict(load_cov=0.1, dead_ratio=0.0, top2_excess=0.0, norm_entropy=0.99, fair_share=100.0, min_fair_share=32)
 
@@ -42,7 +42,7 @@ def test_layer_state_is_worst_metric_and_reasons_list_each():
 
 def test_noise_guard_reports_insufficient_data_even_when_metrics_look_collapsed():
     result = cls(load_cov=1.7, dead_ratio=0.5, fair_share=10.0)
-    assert result.state is I
+    assert result.state is INS
     assert "min_fair_share" in result.reasons[0]
 
 
@@ -58,7 +58,7 @@ def test_thresholds_must_be_ordered():
 
 
 def test_worst():
-    assert worst([H, W, I]) is W
+    assert worst([H, W, INS]) is W
     assert worst([H, C, W]) is C
-    assert worst([I, I]) is I
-    assert worst([]) is I
+    assert worst([INS, INS]) is INS
+    assert worst([]) is INS

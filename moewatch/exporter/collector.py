@@ -20,7 +20,6 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from moewatch.exporter.exposition import SPLIT, escape_label, gzip_member, render_family_text
-
 from moewatch.report import STATE_VALUES, LayerReport, WindowReport
 
 __all__ = ["LAYER_GAUGES", "LAYER_LABELS", "MoEWatchCollector", "NOTIFICATION_OUTCOMES"]
