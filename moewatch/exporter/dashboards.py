@@ -44,6 +44,29 @@ def _bands() -> dict[str, dict[str, Any]]:
     }
 
 
+def _band_panel(
+    title: str,
+    description: str,
+    metric: str,
+    unit: str,
+    selector: str,
+    legend: str,
+    bands: dict[str, dict[str, Any]],
+    minmax: tuple[float | None, float | None],
+) -> dict[str, Any]:
+    """A per-layer time series of ``moewatch_layer_<metric>`` with the health thresholds as bands."""
+    return panel(
+        "timeseries",
+        title,
+        description,
+        unit,
+        [target(f"moewatch_layer_{metric}{{{selector}}}", legend)],
+        thresholds=bands[metric],
+        bands=True,
+        minmax=minmax,
+    )
+
+
 def overview_dashboard() -> dict[str, Any]:
     b, g = _bands(), Grid()
     layer_legend = "{{run}} layer {{layer}}"
@@ -116,61 +139,61 @@ def overview_dashboard() -> dict[str, Any]:
             8,
         ),
         g.place(
-            panel(
-                "timeseries",
+            _band_panel(
                 "Load CV",
                 "Coefficient of variation of expert loads (std/mean); 0 is perfectly even. Bands: healthy, "
                 "warning and collapsed thresholds (moewatch Thresholds defaults).",
+                "load_cov",
                 "none",
-                [target(f"moewatch_layer_load_cov{{{_SEL}}}", layer_legend)],
-                thresholds=b["load_cov"],
-                bands=True,
-                minmax=(0, None),
+                _SEL,
+                layer_legend,
+                b,
+                (0, None),
             ),
             12,
             8,
         ),
         g.place(
-            panel(
-                "timeseries",
+            _band_panel(
                 "Dead expert ratio",
                 "Share of experts receiving less than dead_fraction of their fair share. Any dead expert is a "
                 "warning; above the red band the layer is collapsed.",
+                "dead_ratio",
                 "percentunit",
-                [target(f"moewatch_layer_dead_ratio{{{_SEL}}}", layer_legend)],
-                thresholds=b["dead_ratio"],
-                bands=True,
-                minmax=(0, 1),
+                _SEL,
+                layer_legend,
+                b,
+                (0, 1),
             ),
             12,
             8,
         ),
         g.place(
-            panel(
-                "timeseries",
+            _band_panel(
                 "Top-2 share excess",
                 "Share of the two busiest experts on a scale from the fair share (0) to the most two experts "
                 "can take (1), so one band fits every expert count. Bands: health thresholds.",
+                "top2_excess",
                 "percentunit",
-                [target(f"moewatch_layer_top2_excess{{{_SEL}}}", layer_legend)],
-                thresholds=b["top2_excess"],
-                bands=True,
-                minmax=(0, 1),
+                _SEL,
+                layer_legend,
+                b,
+                (0, 1),
             ),
             12,
             8,
         ),
         g.place(
-            panel(
-                "timeseries",
+            _band_panel(
                 "Normalised router entropy",
                 "Entropy of the mean router probability vector / ln(experts); 1 is uniform. Low entropy: the "
                 "router has settled on few experts. Bands: health thresholds.",
+                "norm_entropy",
                 "percentunit",
-                [target(f"moewatch_layer_norm_entropy{{{_SEL}}}", layer_legend)],
-                thresholds=b["norm_entropy"],
-                bands=True,
-                minmax=(0, 1),
+                _SEL,
+                layer_legend,
+                b,
+                (0, 1),
             ),
             12,
             8,
@@ -356,15 +379,15 @@ def layer_dashboard() -> dict[str, Any]:
             10,
         ),
         g.place(
-            panel(
-                "timeseries",
+            _band_panel(
                 "Load CV (this layer)",
                 "Load coefficient of variation with the health bands.",
+                "load_cov",
                 "none",
-                [target(f"moewatch_layer_load_cov{{{one}}}", "load CV")],
-                thresholds=b["load_cov"],
-                bands=True,
-                minmax=(0, None),
+                one,
+                "load CV",
+                b,
+                (0, None),
             ),
             8,
             10,
