@@ -8,7 +8,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -16,6 +15,7 @@ from torch import nn
 from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.config import MoEWatchConfig
+from moewatch.flush import WindowFlusher
 from moewatch.report import WindowReport
 from moewatch.sinks.base import Sink
 from moewatch.window import WindowMeta, build_window_report
@@ -34,15 +34,6 @@ class AlreadyAttachedError(ValueError):
 def _in_backward() -> bool:
     # Activation checkpointing (reentrant and not) re-runs forwards inside the autograd engine.
     return torch._C._current_graph_task_id() != -1
-
-
-class _Pending:
-    """A window whose counts are on their way to the host (CUDA, non-blocking copy)."""
-
-    __slots__ = ("host", "event", "tokens", "prob_tokens", "meta")
-
-    def __init__(self, host: torch.Tensor, event: Any, tokens: np.ndarray, prob_tokens: np.ndarray, meta: WindowMeta):
-        self.host, self.event, self.tokens, self.prob_tokens, self.meta = host, event, tokens, prob_tokens, meta
 
 
 class Monitor:
@@ -74,7 +65,7 @@ class Monitor:
         self._disabled = [False] * len(specs)
         self.hook_errors = 0
         self.latest: WindowReport | None = None
-        self._pending: _Pending | None = None
+        self._flusher = WindowFlusher(self._acc, process_group)
         self._step = 0
         self._window = 0
         self._window_start_step = 0
@@ -138,7 +129,8 @@ class Monitor:
         group every rank must call it, as it all-reduces."""
         self._finish_pending()
         report = self._end_window(blocking=True)
-        assert report is not None
+        if report is None:
+            raise RuntimeError("moewatch: the window could not be built; the log holds the reason")
         return report
 
     def close(self) -> None:
@@ -284,74 +276,31 @@ class Monitor:
         self._window_start_step = self._step
         self._window_start_time = meta.time_end
         try:
-            packed = self._acc.pack()
-            tokens, prob_tokens = self._acc.take_host_counts()
-            if self._group is not None:
-                packed, tokens, prob_tokens = self._all_reduce(packed, tokens, prob_tokens)
-            if packed is None:
-                return self._publish(self._acc.unpack(self._zeros(), tokens, prob_tokens), meta)
-            if packed.device.type == "cuda" and not blocking:
-                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                host.copy_(packed, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self._pending = _Pending(host, event, tokens, prob_tokens, meta)
-                return None
-            host_np = packed.cpu().numpy()  # CPU-GPU sync: once per window, at its end
-            return self._publish(self._acc.unpack(host_np, tokens, prob_tokens), meta)
+            ready = self._flusher.close_window(meta, blocking)
         except Exception:
             if self.config.strict:
                 raise
             log.exception("moewatch: closing window %d failed; its counts are lost", meta.window)
             return None
-
-    def _zeros(self) -> np.ndarray:
-        return np.zeros((self._acc.n_layers, 2 * self._acc.e_max + 4))
-
-    def _all_reduce(
-        self, packed: torch.Tensor | None, tokens: np.ndarray, prob_tokens: np.ndarray
-    ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """One all_reduce(SUM) of counts and token totals across the group (every rank must join)."""
-        backend = dist.get_backend(self._group)
-        device = packed.device if packed is not None else (
-            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        )
-        if packed is None:
-            packed = torch.from_numpy(self._zeros()).to(device)
-        host_tok = torch.from_numpy(np.stack([tokens, prob_tokens], axis=1).astype(np.float64))
-        if device.type == "cuda":
-            host_tok = host_tok.pin_memory()
-        full = torch.cat([packed, host_tok.to(device, non_blocking=True)], dim=1)
-        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self._group)
-        # Token totals ride in the last two columns; _split_token_columns takes them back out on the host.
-        return full, tokens, prob_tokens
+        return None if ready is None else self._publish(*ready)
 
     def _poll_pending(self) -> WindowReport | None:
-        p = self._pending
-        if p is None or not p.event.query():
-            return None
-        self._pending = None
-        return self._publish_host(p)
+        ready = self._flusher.poll()
+        return None if ready is None else self._publish(*ready)
 
     def _finish_pending(self) -> None:
-        p = self._pending
-        if p is not None:
-            p.event.synchronize()  # CPU-GPU sync: only on flush()/close()
-            self._pending = None
-            self._publish_host(p)
+        ready = self._flusher.finish()
+        if ready is not None:
+            self._publish(*ready)
 
-    def _publish_host(self, p: _Pending) -> WindowReport | None:
+    def _publish(self, counts: WindowCounts, meta: WindowMeta) -> WindowReport | None:
         try:
-            return self._publish(self._acc.unpack(p.host.numpy(), p.tokens, p.prob_tokens), p.meta)
+            report = build_window_report(self._routers, counts, meta, self.config)
         except Exception:
             if self.config.strict:
                 raise
-            log.exception("moewatch: building window %d failed", p.meta.window)
+            log.exception("moewatch: building window %d failed", meta.window)
             return None
-
-    def _publish(self, counts: WindowCounts, meta: WindowMeta) -> WindowReport:
-        counts = self._split_token_columns(counts)
-        report = build_window_report(self._routers, counts, meta, self.config)
         self.latest = report
         if self._reporting_rank():
             for sink in self._sinks:
@@ -362,14 +311,6 @@ class Monitor:
                         raise
                     log.exception("moewatch: sink %s failed on window %d", type(sink).__name__, meta.window)
         return report
-
-    def _split_token_columns(self, counts: WindowCounts) -> WindowCounts:
-        if self._group is None:
-            return counts
-        stats = counts.stats_LS
-        tokens = np.rint(stats[:, -2]).astype(np.int64)
-        prob_tokens = np.rint(stats[:, -1]).astype(np.int64)
-        return WindowCounts(counts.counts_LE1, stats[:, :-2], tokens, prob_tokens)
 
     def _remove_hooks(self) -> None:
         for h in self._handles:

@@ -1,0 +1,107 @@
+"""Window ends on the device side: take the counts off the device with one all_reduce and one
+device-to-host copy, non-blocking on CUDA (the report is then built at a later step, once the copy has
+landed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moewatch.accumulator import Accumulator, WindowCounts
+from moewatch.window import WindowMeta
+
+__all__ = ["WindowFlusher"]
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A window whose counts are on their way to the host."""
+
+    host: torch.Tensor
+    event: Any  # torch.cuda.Event
+    tokens: np.ndarray
+    prob_tokens: np.ndarray
+    meta: WindowMeta
+
+
+Ready = tuple[WindowCounts, WindowMeta]
+
+
+class WindowFlusher:
+    """Moves one window's counts from the accumulator's device buffers to the host.
+
+    With a process group, every rank must close the same windows: the counts and the host-side token
+    totals are summed across the group in one ``all_reduce`` (token totals ride in two extra columns).
+    """
+
+    def __init__(self, acc: Accumulator, group: Any = None) -> None:
+        self._acc = acc
+        self._group = group
+        self._pending: _Pending | None = None
+
+    def close_window(self, meta: WindowMeta, blocking: bool) -> Ready | None:
+        """Take the window off the device and zero the buffers. Returns the host counts, or ``None`` while a
+        non-blocking copy is under way (``poll``/``finish`` hand it over later)."""
+        packed = self._acc.pack()
+        tokens, prob_tokens = self._acc.take_host_counts()
+        if self._group is not None:
+            packed = self._all_reduce(packed, tokens, prob_tokens)
+        if packed is None:
+            return self._unpack(self._zeros(), tokens, prob_tokens), meta
+        if packed.device.type == "cuda" and not blocking:
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending = _Pending(host, event, tokens, prob_tokens, meta)
+            return None
+        host_np = packed.cpu().numpy()  # CPU-GPU sync: once per window, at its end
+        return self._unpack(host_np, tokens, prob_tokens), meta
+
+    def poll(self) -> Ready | None:
+        """The pending window, if its copy has landed (``event.query()`` does not synchronise)."""
+        p = self._pending
+        if p is None or not p.event.query():
+            return None
+        self._pending = None
+        return self._unpack(p.host.numpy(), p.tokens, p.prob_tokens), p.meta
+
+    def finish(self) -> Ready | None:
+        """The pending window, waiting for its copy if needed."""
+        p = self._pending
+        if p is None:
+            return None
+        p.event.synchronize()  # CPU-GPU sync: only on flush()/close()
+        return self.poll()
+
+    def _zeros(self) -> np.ndarray:
+        return np.zeros((self._acc.n_layers, 2 * self._acc.e_max + 4))
+
+    def _all_reduce(
+        self, packed: torch.Tensor | None, tokens: np.ndarray, prob_tokens: np.ndarray
+    ) -> torch.Tensor:
+        if packed is not None:
+            device = packed.device
+        elif dist.get_backend(self._group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        if packed is None:  # this rank counted nothing yet, but must still join the collective
+            packed = torch.from_numpy(self._zeros()).to(device)
+        tok = torch.from_numpy(np.stack([tokens, prob_tokens], axis=1).astype(np.float64))
+        if device.type == "cuda":
+            tok = tok.pin_memory()
+        full = torch.cat([packed, tok.to(device, non_blocking=True)], dim=1)
+        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self._group)
+        return full
+
+    def _unpack(self, host: np.ndarray, tokens: np.ndarray, prob_tokens: np.ndarray) -> WindowCounts:
+        if self._group is not None:  # global token totals from the reduced columns
+            tokens = np.rint(host[:, -2]).astype(np.int64)
+            prob_tokens = np.rint(host[:, -1]).astype(np.int64)
+            host = host[:, :-2]
+        return self._acc.unpack(host, tokens, prob_tokens)
