@@ -43,7 +43,8 @@ class DemoTopKRouter(nn.Module):
         scores_TK = top_TK / top_TK.sum(dim=-1, keepdim=True)
         if self.training:
             with torch.no_grad():
-                self.step_load.index_add_(0, indices_TK.reshape(-1), torch.ones(indices_TK.numel()))
+                ones_N = torch.ones(indices_TK.numel(), device=indices_TK.device)
+                self.step_load.index_add_(0, indices_TK.reshape(-1), ones_N)
         return logits_TE, scores_TK, indices_TK
 
 

@@ -1,0 +1,292 @@
+"""Zero host synchronisation on training steps that do not end a window.
+
+Two independent checks, both on the CPU (no GPU needed):
+
+* every aten op is recorded with a ``TorchDispatchMode``; ops that synchronise a CUDA device with the host
+  (``.item()``, ``nonzero``, ``bincount``, ``unique``, boolean-mask indexing, copies to the CPU, ...) are
+  attributed to moewatch when a moewatch frame (outside the demo model) is on the Python stack;
+* the same steps run with the model on the ``meta`` device, where anything that reads a value on the host
+  (``.item()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, a Python ``if`` on a tensor) raises.
+
+The last tests break the hot path on purpose and check that the detectors see it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import moewatch
+from moewatch.accumulator import Accumulator
+from moewatch.adapters.base import RouterOutput
+from moewatch.demo.model import DemoMoE
+from tests.fakes import quiet
+
+aten = torch.ops.aten
+_PKG = str(Path(moewatch.__file__).parent) + "/"
+_DEMO = _PKG + "demo/"
+
+#: Ops that make the host wait for the device on CUDA, whatever their arguments.
+ALWAYS_SYNC = {
+    aten._local_scalar_dense.default,  # .item(), int(t), float(t), bool(t), if t:
+    aten.nonzero.default,
+    aten.argwhere.default,
+    aten.bincount.default,
+    aten.masked_select.default,
+    aten.equal.default,
+    aten.is_nonzero.default,
+    aten._unique.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.allclose.default,
+}
+
+
+def _is_sync(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if func in ALWAYS_SYNC:
+        return True
+    name = func.overloadpacket.__name__
+    if name == "repeat_interleave":
+        return kwargs.get("output_size") is None and not (len(args) > 2 and args[2] is not None)
+    if name in ("index", "index_put", "index_put_", "_index_put_impl_"):  # boolean masks run nonzero
+        indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+        return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices or ())
+    if name == "histc":  # min == max: the range is read from the data
+        lo = args[3] if len(args) > 3 else kwargs.get("min", 0)
+        hi = args[4] if len(args) > 4 else kwargs.get("max", 0)
+        return lo == hi
+    if name in ("_to_copy", "to", "copy_"):
+        src = args[1] if name == "copy_" else args[0]
+        dst_dev = args[0].device if name == "copy_" else kwargs.get("device")
+        return isinstance(src, torch.Tensor) and src.device.type not in ("cpu", "meta") and (
+            dst_dev is not None and torch.device(dst_dev).type == "cpu"
+        )
+    return False
+
+
+def _moewatch_frame() -> str | None:
+    """``file:line`` of the innermost moewatch frame on the stack (the demo model is not moewatch)."""
+    f = sys._getframe(2)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if fn.startswith(_PKG) and not fn.startswith(_DEMO):
+            return f"{fn[len(_PKG):]}:{f.f_lineno}"
+        f = f.f_back
+    return None
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten op: syncing ones (all, and moewatch's), and all of moewatch's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: Counter[str] = Counter()
+        self.moewatch_syncs: list[tuple[str, str]] = []
+        self.moewatch_ops: list[str] = []  # every op issued from moewatch code, views included
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        where = _moewatch_frame()
+        if where is not None:
+            self.moewatch_ops.append(str(func.overloadpacket.__name__) + ("" if not func.is_view else "(view)"))
+        if _is_sync(func, args, kwargs):
+            self.syncs[str(func)] += 1
+            if where is not None:
+                self.moewatch_syncs.append((str(func), where))
+        return func(*args, **kwargs)
+
+    def kernels(self) -> list[str]:
+        return [op for op in self.moewatch_ops if not op.endswith("(view)")]
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+
+
+def _demo_steps(device: str = "cpu") -> tuple[nn.Module, Callable[[], None]]:
+    torch.manual_seed(0)
+    model = DemoMoE().to(device).train()
+    x = torch.randn(64, 64, device=device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+
+    return model, step
+
+
+def _qwen3_steps() -> tuple[nn.Module, Callable[[], None]]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(config).train()
+    ids = torch.randint(0, 64, (2, 8))
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    return model, step
+
+
+MODELS = {"demo": _demo_steps, "qwen3_moe": _qwen3_steps}
+
+
+def _record(step: Callable[[], None], n: int) -> OpRecorder:
+    rec = OpRecorder()
+    with rec:
+        for _ in range(n):
+            step()
+    return rec
+
+
+# --- the checks -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_no_sync_ops_from_moewatch_on_steps_that_do_not_end_a_window(name: str) -> None:
+    model, step = MODELS[name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step()  # first calls allocate moewatch's buffers; allocation is not a sync, but keep the steps alike
+    plain = _record(lambda: (step(), opt.step()), 3)
+    watch = moewatch.attach(model, optimizer=opt, **quiet(window_steps=1000))
+    try:
+        monitored = _record(lambda: (step(), opt.step()), 3)
+        assert watch.step_count == 3 and sum(watch._acc.tokens_L) > 0  # the hooks did run
+    finally:
+        watch.close()
+    assert monitored.moewatch_syncs == [], f"moewatch synchronises on the hot path: {monitored.moewatch_syncs}"
+    assert monitored.syncs == plain.syncs  # whatever the model itself syncs, moewatch adds nothing
+    assert monitored.moewatch_ops, "no op was attributed to moewatch: the recorder is not looking"
+
+
+def test_monitored_steps_run_on_the_meta_device() -> None:
+    model, step = _demo_steps("meta")
+    watch = moewatch.attach(model, **quiet(window_steps=1000))
+    try:
+        for _ in range(3):
+            step()
+            watch.step()
+        assert watch.hook_errors == 0
+        assert watch._acc.devices == [torch.device("meta")]
+        assert watch._acc.tokens_L == [3 * 64, 3 * 64]
+    finally:
+        watch._closed = True  # a window end copies to the host, which meta cannot; that is not the hot path
+        watch._remove_hooks()
+
+
+def _outputs(device: str, e: int = 8, t: int = 16, k: int = 2) -> dict[str, RouterOutput]:
+    def r(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.randn(*shape, device=device).to(dtype)
+
+    idx = torch.randint(-1, e + 1, (t, k), device=device)
+    return {
+        "indices+softmax logits": RouterOutput(indices_TK=idx, logits_TE=r(t, e)),
+        "indices+logits E>=16": RouterOutput(indices_TK=torch.randint(0, 32, (t, k), device=device),
+                                             logits_TE=r(t, 32)),
+        "int32 indices+bf16 3-D logits": RouterOutput(
+            indices_TK=idx.int(), logits_TE=r(2, t // 2, e, dtype=torch.bfloat16)
+        ),
+        "sigmoid logits": RouterOutput(indices_TK=idx, logits_TE=r(t, e), score_func="sigmoid"),
+        "probs": RouterOutput(indices_TK=idx, probs_TE=r(t, e).softmax(-1)),
+        "routing map+probs": RouterOutput(routing_map_TE=r(t, e) > 0, probs_TE=r(t, e).softmax(-1)),
+        "counts+dropped": RouterOutput(
+            counts_E=torch.randint(0, 5, (e,), device=device), num_tokens=t,
+            dropped=torch.tensor(3, device=device),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_outputs("cpu")))
+def test_every_update_path_is_sync_free(case: str) -> None:
+    e = 32 if "E>=16" in case else 8
+    acc = Accumulator([e, e])
+    with torch.no_grad():
+        acc.update(0, _outputs("meta")[case], 2)  # raises if anything reads a value on the host
+        rec = _record(lambda: acc.update(1, _outputs("cpu")[case], 2), 1)
+    assert [s for s, _ in rec.moewatch_syncs] == []
+
+
+def test_kernels_per_router_call() -> None:
+    """The budget of device kernels one router call launches (indices + softmax logits, the common case)."""
+    acc = Accumulator([8])
+    out = RouterOutput(indices_TK=torch.randint(0, 8, (64, 2)), logits_TE=torch.randn(64, 8))
+    with torch.no_grad():
+        acc.update(0, out, 2)
+        rec = OpRecorder()
+        with rec:
+            acc.update(0, out, 2)
+    # 16 today: clamp, remainder, index_add_ (count); log_softmax, exp, nansum, add_ (probability sums); amax,
+    # amax, sub, eq, count_nonzero, add_ (finite rows); nan_to_num, dot, add_ (z-loss). Before: 17 + composites.
+    assert len(rec.kernels()) <= 16, rec.moewatch_ops
+
+
+# --- the detectors detect -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _broken_update(bad: Callable[[RouterOutput], Any]) -> Iterator[None]:
+    orig = Accumulator.update
+
+    def update(self: Accumulator, layer: int, out: RouterOutput, top_k: int) -> None:
+        orig(self, layer, out, top_k)
+        bad(out)
+
+    Accumulator.update = update  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Accumulator.update = orig  # type: ignore[method-assign]
+
+
+BREAKS: dict[str, Callable[[RouterOutput], Any]] = {
+    "item": lambda out: out.indices_TK.max().item(),
+    "bincount": lambda out: torch.bincount(out.indices_TK.reshape(-1)),
+    "nonzero": lambda out: (out.indices_TK == 0).nonzero(),
+    "bool mask": lambda out: out.indices_TK[out.indices_TK > 0],
+    "if on a tensor": lambda out: bool((out.indices_TK < 0).any()),
+    "unique": lambda out: torch.unique(out.indices_TK),
+}
+
+
+@pytest.mark.parametrize("how", sorted(BREAKS))
+def test_recorder_catches_a_sync_added_to_the_hot_path(how: str) -> None:
+    model, step = _demo_steps()
+    watch = moewatch.attach(model, **quiet(window_steps=1000))
+    try:
+        with _broken_update(BREAKS[how]):
+            rec = _record(step, 1)
+    finally:
+        watch.close()
+    assert rec.moewatch_syncs, f"{how} was not caught"
+
+
+@pytest.mark.parametrize("how", ["item", "tolist", "cpu", "numpy"])
+def test_meta_run_catches_host_reads(how: str) -> None:
+    bad = {
+        "item": lambda out: out.indices_TK.sum().item(),
+        "tolist": lambda out: out.indices_TK.tolist(),
+        "cpu": lambda out: out.indices_TK.cpu(),
+        "numpy": lambda out: out.indices_TK.numpy(),
+    }[how]
+    model, step = _demo_steps("meta")
+    watch = moewatch.attach(model, **quiet(window_steps=1000))
+    try:
+        with _broken_update(bad), pytest.raises(Exception):  # noqa: B017 - any error: meta has no data
+            step()
+    finally:
+        watch._closed = True
+        watch._remove_hooks()
