@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moewatch.adapters.discovery import discover_routers
-from moewatch.config import MoEWatchConfig, build_config
+from moewatch.config import ConfigError, MoEWatchConfig, build_config
 from moewatch.monitor import Monitor
 from moewatch.sinks import build_sinks
 from moewatch.sinks.base import Sink
@@ -50,6 +50,14 @@ def attach(
     elif process_group is False:
         process_group = None
     specs = discover_routers(model, cfg)
+    rank_map = cfg.expert_rank_map
+    if rank_map is not None:
+        wrong = sorted({s.num_experts for s in specs if s.num_experts != len(rank_map)})
+        if wrong or min(rank_map) < 0:
+            raise ConfigError(
+                f"expert_rank_map has {len(rank_map)} entries (min {min(rank_map)}) but routers have "
+                f"{wrong} experts; give one non-negative rank per expert (MOEWATCH_EXPERT_RANK_MAP='[0, 0, 1, 1]')"
+            )
     reporting = process_group is None or torch.distributed.get_rank(process_group) == 0
     all_sinks = (build_sinks(cfg) if reporting else []) + list(sinks or [])
     try:

@@ -140,6 +140,17 @@ class MoEWatchConfig(BaseSettings):
     expert_parallel_size: int | None = Field(
         None, ge=1, description="Report load per expert-parallel rank (experts placed contiguously)."
     )
+    expert_rank_map: list[int] | None = Field(
+        None,
+        description="Expert-parallel rank of each expert, when experts are not placed contiguously "
+        "(length = experts per router); overrides expert_parallel_size.",
+    )
+    recompute_logits: bool = Field(
+        True,
+        description="Megatron-Core and DeepSpeed routers return no probability vector: recompute their logits "
+        "(one extra [tokens, hidden] x [hidden, experts] product per call, the gate's own size) for entropy "
+        "and z-loss. Off: entropy falls back to the loads.",
+    )
     count_eval: bool = Field(False, description="Also count forwards in eval mode.")
     async_flush: bool = Field(
         True, description="On CUDA, copy window counts non-blocking and build the report one step later."

@@ -32,7 +32,12 @@ def _round(x: float | None, nd: int = 6) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, nd)
 
 
-def _ep_loads(loads: np.ndarray, ep_size: int | None) -> list[int] | None:
+def _ep_loads(loads: np.ndarray, ep_size: int | None, rank_map: list[int] | None) -> list[int] | None:
+    """Assignments per expert-parallel rank: by ``rank_map`` (rank of each expert), else contiguous blocks."""
+    if rank_map is not None:
+        if len(rank_map) != loads.size:
+            return None
+        return [int(v) for v in np.bincount(np.asarray(rank_map), weights=loads, minlength=1).astype(np.int64)]
     if not ep_size or ep_size < 2 or loads.size % ep_size:
         return None
     return [int(v) for v in loads.reshape(ep_size, -1).sum(axis=1)]
@@ -83,7 +88,7 @@ def build_layer_report(
         min_fair_share=cfg.min_fair_share,
         thresholds=cfg.thresholds,
     )
-    ep = _ep_loads(loads, cfg.expert_parallel_size)
+    ep = _ep_loads(loads, cfg.expert_parallel_size, cfg.expert_rank_map)
     nonfinite = max(int(round(prob_tokens - finite_rows)), 0)
     return LayerReport(
         index=info.index,

@@ -677,3 +677,18 @@ def test_sync_guard_catches_a_syncing_extractor(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(AssertionError, match="__bool__"):
         model(_x(0))
     watch.close()
+
+
+def test_logit_recompute_can_be_switched_off() -> None:
+    cfg = megatron.TransformerConfig(hidden_size=H, num_moe_experts=6, moe_router_topk=2)
+    model = Stack([megatron.MoELayer(cfg)])
+    watch = _attach(model, recompute_logits=False)
+    report = _run(model, watch)
+    watch.close()
+    layer = report.layers[0]
+    assert layer.assignments == 3 * TOKENS * 2  # counting is unaffected
+    assert layer.entropy_source == "loads" and layer.z_loss is None
+    ds = _deepspeed_model(2)
+    watch = _attach(ds, recompute_logits=False)
+    assert _run(ds, watch).layers[0].entropy_source == "loads"
+    watch.close()

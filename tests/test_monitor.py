@@ -290,3 +290,8 @@ def test_console_table_shows_each_layer_and_state():
     text = console.export_text()
     assert "blocks.0.router" in text and "blocks.1.router" in text
     assert "collapsed" in text and "1.732" in text and "6/8" in text
+
+
+def test_expert_rank_map_must_fit_the_routers():
+    with pytest.raises(moewatch.ConfigError, match="expert_rank_map has 3 entries"):
+        moewatch.attach(ToyMoE(num_experts=4), **quiet(expert_rank_map=[0, 1, 1]))

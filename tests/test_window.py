@@ -87,3 +87,11 @@ def test_window_report_is_json_round_trippable_and_worst_state():
     assert report.state is HealthState.COLLAPSED and report.tokens == 100 and report.steps == 10
     again = type(report).model_validate_json(report.model_dump_json())
     assert again == report
+
+
+def test_expert_rank_map_for_non_contiguous_placement():
+    info = RouterInfo(0, "g", "transformers", 4, 1)
+    counts = np.array([10, 20, 30, 40, 0])
+    cfg = MoEWatchConfig(min_fair_share=0, expert_rank_map=[1, 0, 1, 0], expert_parallel_size=2)
+    layer = build_layer_report(info, counts, stats(4), 100, 0, cfg)
+    assert layer.ep_loads == [60, 40]  # the map wins over contiguous placement ([30, 70])

@@ -190,14 +190,18 @@ def _recomputed_logits(module: nn.Module, args: tuple[Any, ...], weight: torch.T
     return F.linear(x.reshape(-1, x.shape[-1]), weight.detach().to(x.dtype))
 
 
-def _read_megatron(spec: RouterSpec):
+def _recompute(cfg: Any) -> bool:
+    return bool(getattr(cfg, "recompute_logits", True))
+
+
+def _read_megatron(spec: RouterSpec, recompute: bool):
     sf = spec.score_func
 
     def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
         # (probs_TE zero outside the top-k, routing_map_TE bool): probs are no distribution, so the
         # probability vector comes from logits recomputed with the router's own weight.
         _, routing_map = out
-        logits = _recomputed_logits(module, args, module.weight)
+        logits = _recomputed_logits(module, args, module.weight) if recompute else None
         return RouterOutput(routing_map_TE=routing_map, logits_TE=logits, score_func=sf)
 
     return read
@@ -213,22 +217,25 @@ def match_megatron(name: str, module: nn.Module, parent: nn.Module | None, cfg: 
     if _router_weight_experts(module) != e:
         return None
     spec = RouterSpec(name, module, module, "megatron", e, k, _noop, _score_func(module))
-    spec.extract = _read_megatron(spec)
+    spec.extract = _read_megatron(spec, _recompute(cfg))
     return spec
 
 
-def _read_deepspeed(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
-    # (l_aux, combine_weights_SEC, dispatch_mask_SEC, exp_counts_E), or with Tutel
-    # (l_aux, C, E, [indices_S], [locations_S], [gates_S], exp_counts_E). exp_counts are the gating
-    # decisions before capacity, with RSample noise and top-2 Gumbel sampling: a top-k of the logits
-    # would not reproduce them. TopKGate calls F.linear on wg.weight, so wg's own hooks never fire.
-    counts_E = out[-1]
-    x = args[0]
-    dropped = counts_E.sum() - out[2].sum() if len(out) == 4 else None
-    logits = _recomputed_logits(module, args, module.wg.weight)
-    return RouterOutput(
-        counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_TE=logits, dropped=dropped
-    )
+def _read_deepspeed(recompute: bool):
+    def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        # (l_aux, combine_weights_SEC, dispatch_mask_SEC, exp_counts_E), or with Tutel
+        # (l_aux, C, E, [indices_S], [locations_S], [gates_S], exp_counts_E). exp_counts are the gating
+        # decisions before capacity, with RSample noise and top-2 Gumbel sampling: a top-k of the logits
+        # would not reproduce them. TopKGate calls F.linear on wg.weight, so wg's own hooks never fire.
+        counts_E = out[-1]
+        x = args[0]
+        dropped = counts_E.sum() - out[2].sum() if len(out) == 4 else None
+        logits = _recomputed_logits(module, args, module.wg.weight) if recompute else None
+        return RouterOutput(
+            counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_TE=logits, dropped=dropped
+        )
+
+    return read
 
 
 def match_deepspeed(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
@@ -237,7 +244,7 @@ def match_deepspeed(name: str, module: nn.Module, parent: nn.Module | None, cfg:
     k = getattr(module, "k", None)
     if not isinstance(wg, nn.Linear) or not isinstance(k, int) or "gate" not in type(module).__name__.lower():
         return None
-    return RouterSpec(name, module, module, "deepspeed", wg.out_features, k, _read_deepspeed)
+    return RouterSpec(name, module, module, "deepspeed", wg.out_features, k, _read_deepspeed(_recompute(cfg)))
 
 
 def _read_torchtitan(spec: RouterSpec):
