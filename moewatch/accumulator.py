@@ -186,8 +186,3 @@ class Accumulator:
             tokens_L=tokens_L,
             prob_tokens_L=prob_tokens_L,
         )
-
-    def empty_counts(self) -> WindowCounts:
-        width = (self.e_max + 1) + (self.e_max + 3)
-        tokens, prob_tokens = self.take_host_counts()
-        return self.unpack(np.zeros((self.n_layers, width)), tokens, prob_tokens)
