@@ -130,24 +130,13 @@ def _arm_sync_debug_in_hooks(watch: moewatch.Monitor, device: torch.device, arme
 
 
 def _peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one step, above what was allocated when it started."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    # Allocations are attributed to the ops that made them (self memory), frees after them to "[memory]".
-    cur = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
+    """CUDA: peak bytes allocated during one step above what was allocated when it started."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def _hook_time_per_step(w: Workload, watch: moewatch.Monitor, steps: int, offset: int) -> float:
@@ -180,114 +169,143 @@ def _hook_time_per_step(w: Workload, watch: moewatch.Monitor, steps: int, offset
     return spent[0] / steps * 1e6
 
 
-def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
-    steps_per_block = args.steps_per_block or {"demo": 20, "qwen3moe": 4, "moe64": 1}[name]
-    blocks = args.blocks or {"demo": 40, "qwen3moe": 24, "moe64": 8}[name]
-    warmup = args.warmup if args.warmup is not None else {"demo": 30, "qwen3moe": 5, "moe64": 1}[name]
-    wl = {v: build_workload(name, device, seed=args.seed, scale=args.scale) for v in VARIANTS}
-    for v in VARIANTS[1:]:  # identical copies: same weights, same optimizer state, same batches
-        wl[v].model.load_state_dict(wl["plain"].model.state_dict())
-    watch = moewatch.attach(wl["moewatch"].model, optimizer=wl["moewatch"].optimizer,
-                            window_steps=args.window_steps, run_name=f"bench-{name}", **SINKS_OFF)
-    naive = NaiveMonitor(wl["naive"].model)
-    armed = [True]
-    debug_handles = _arm_sync_debug_in_hooks(watch, device, armed)
-    clock = Clock(device)
-    counter = {v: 0 for v in VARIANTS}
+#: Per-model defaults: (window_steps, blocks per variant, warm-up steps). A block is one window long, so every
+#: monitored block holds exactly one window end (its last step).
+DEFAULTS = {"demo": (100, 30, 100), "qwen3moe": (10, 30, 10), "moe64": (2, 6, 1)}
 
-    def step(v: str) -> None:
-        i = counter[v]
-        counter[v] += 1
-        if v == "moewatch" and device.type == "cuda":
-            armed[0] = (watch.step_count + 1) % args.window_steps != 0  # not a window end
-            with _sync_debug(device, armed[0]):
-                wl[v].step(i)
-        else:
-            wl[v].step(i)
+
+def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
+    window_steps, blocks, warmup = DEFAULTS[name]
+    window_steps = args.window_steps or window_steps
+    steps_per_block = args.steps_per_block or window_steps
+    blocks = args.blocks or blocks
+    warmup = args.warmup if args.warmup is not None else warmup
+    # One model, one optimizer: what differs between blocks is only what is attached (copies of a model
+    # differ by a few % in speed on the CPU from memory placement alone, more than the effect measured).
+    w = build_workload(name, device, seed=args.seed, scale=args.scale)
+    clock = Clock(device)
+    counter = [0]
+    armed = [False]
+
+    def attach() -> moewatch.Monitor:
+        return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window_steps,
+                               run_name=f"bench-{name}", **SINKS_OFF)
+
+    def run_block(v: str, n: int) -> tuple[float, float, int]:
+        watch = attach() if v == "moewatch" else None
+        naive = NaiveMonitor(w.model) if v == "naive" else None
+        debug = _arm_sync_debug_in_hooks(watch, device, armed) if watch is not None else []
+        c0, w0 = clock.now()
+        for _ in range(n):
+            if watch is not None and device.type == "cuda":
+                armed[0] = (watch.step_count + 1) % window_steps != 0  # not a window end
+                with _sync_debug(device, armed[0]):
+                    w.step(counter[0])
+            else:
+                w.step(counter[0])
+            counter[0] += 1
+        c1, w1 = clock.now()
+        ends = 0
+        for h in debug:
+            h.remove()
+        if watch is not None:
+            ends = watch._window
+            watch.close()
+        if naive is not None:
+            naive.close()
+        return (c1 - c0) / n, (w1 - w0) / n, ends
 
     for v in VARIANTS:
-        for _ in range(warmup):
-            step(v)
+        run_block(v, warmup)
     per_step: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    window_ends = 0
     gc.collect()
     gc.disable()
     try:
         for b in range(blocks):
             order = VARIANTS[b % 3:] + VARIANTS[: b % 3]
             for v in order:
-                c0, w0 = clock.now()
-                for _ in range(steps_per_block):
-                    step(v)
-                c1, w1 = clock.now()
-                per_step[v].append(((c1 - c0) / steps_per_block, (w1 - w0) / steps_per_block))
+                cpu, wall, ends = run_block(v, steps_per_block)
+                per_step[v].append((cpu, wall))
+                window_ends += ends
             if args.verbose:
                 print(f"  {name} block {b}: " + " ".join(f"{v}={per_step[v][-1][0] * 1e3:.2f}ms" for v in order),
                       flush=True)
     finally:
         gc.enable()
-    window_ends = watch._window
-    for h in debug_handles:
-        h.remove()
 
-    cpu_or_wall = 1 if device.type == "cuda" else 0
+    k = 1 if device.type == "cuda" else 0
     ratios = {
-        f"{v}/plain": _summarise([a[cpu_or_wall] / p[cpu_or_wall] for a, p in zip(per_step[v], per_step["plain"])])
+        f"{v}/plain": _summarise([a[k] / p[k] for a, p in zip(per_step[v], per_step["plain"])])
         for v in ("moewatch", "naive")
     }
     wall = {
         f"{v}/plain": statistics.median([a[1] / p[1] for a, p in zip(per_step[v], per_step["plain"])])
         for v in ("moewatch", "naive")
     }
-    step_ms = {v: statistics.median(x[cpu_or_wall] for x in per_step[v]) * 1e3 for v in VARIANTS}
+    step_ms = {v: statistics.median(x[k] for x in per_step[v]) * 1e3 for v in VARIANTS}
 
-    # Direct attribution: time inside the hooks, memory, ops per router call (not part of the A/B timing).
-    hook_us = _hook_time_per_step(wl["moewatch"], watch, max(3, min(20, blocks)), counter["moewatch"])
-    peaks = {v: _peak_extra_bytes(lambda v=v: wl[v].step(0), device) for v in VARIANTS}
-    acc = watch._acc
-    state = sum(b.counts_LE1.numel() * 8 + b.stats_LS.numel() * 8 + 8 for b in acc._bufs.values())
-    ops = _count_update_ops(watch, wl["moewatch"])
-    sync_check = "not run (CPU: see tests/test_no_sync.py)"
-    if device.type == "cuda":
-        sync_check = f"0 syncs from moewatch on {blocks * steps_per_block - window_ends} non-window-end steps " \
-                     "(sync_debug_mode=error)"
+    # Direct attribution, outside the A/B timing: time inside the hooks, memory, ops per router call.
+    peaks = {"plain": _peak_extra_bytes(lambda: w.step(0), device)} if device.type == "cuda" else {}
+    if peaks:
+        naive = NaiveMonitor(w.model)
+        peaks["naive"] = _peak_extra_bytes(lambda: w.step(0), device)
+        naive.close()
+    watch = attach()
+    w.step(0)
+    if peaks:
+        peaks["moewatch"] = _peak_extra_bytes(lambda: w.step(0), device)
+    hook_us = _hook_time_per_step(w, watch, max(2, min(50, 3 * window_steps)), counter[0])
+    state = sum(b.counts_LE1.numel() * 8 + b.stats_LS.numel() * 8 + 8 for b in watch._acc._bufs.values())
     watch.close()
-    naive.close()
+    watch = moewatch.attach(w.model, optimizer=w.optimizer, window_steps=10**9, run_name="count", **SINKS_OFF)
+    w.step(0)
+    ops, transient = _count_update_ops(watch, w)  # on a step that is not a window end
+    watch.close()
+    sync_check = "not run (CPU; see tests/test_no_sync.py)"
+    if device.type == "cuda":
+        sync_check = (f"0 syncs from moewatch on {blocks * steps_per_block - window_ends} non-window-end steps "
+                      "(hooks and optimizer.step under sync_debug_mode='error')")
     return ModelResult(
         model=name,
-        description=wl["plain"].description,
+        description=w.description,
         step_ms=step_ms,
         ratio=ratios,
         wall_ratio=wall,
-        peak_extra_bytes={v: peaks[v] - peaks["plain"] for v in ("moewatch", "naive")},
+        peak_extra_bytes={v: peaks[v] - peaks["plain"] for v in ("moewatch", "naive")} if peaks else {},
         monitor_state_bytes=state,
         hook_us_per_step=hook_us,
         ops_per_router_call=ops,
-        window_steps=args.window_steps,
+        window_steps=window_steps,
         window_ends=window_ends,
         sync_check=sync_check,
-        extra={"blocks": blocks, "steps_per_block": steps_per_block, "warmup": warmup},
+        extra={"transient_bytes_per_router_call": transient, "blocks": blocks, "steps_per_block": steps_per_block, "warmup": warmup},
     )
 
 
-def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> int:
-    """Non-view aten ops moewatch issues per router call, counted on one training forward."""
+def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> tuple[int, int]:
+    """Per router call, on one training step: non-view aten ops moewatch issues, and the bytes of the tensors
+    they return (every one of them is freed when the hook returns: an upper bound of its transient memory)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     pkg = os.path.dirname(moewatch.__file__) + os.sep
     demo = os.path.join(pkg, "demo") + os.sep
-    n = [0]
+    n, nbytes = [0], [0]
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
             if not func.is_view:
                 f = sys._getframe(1)
                 while f is not None:
                     fn = f.f_code.co_filename
                     if fn.startswith(pkg) and not fn.startswith(demo):
                         n[0] += 1
+                        if isinstance(out, torch.Tensor) and not func.overloadpacket.__name__.endswith("_"):
+                            nbytes[0] += out.numel() * out.element_size()
                         break
                     f = f.f_back
-            return func(*args, **(kwargs or {}))
+            return out
 
     calls = [0]
     hs = [s.hook_module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for s in watch._specs]
@@ -297,8 +315,8 @@ def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> int:
     finally:
         for h in hs:
             h.remove()
-    # The step's own optimizer post-hook issues no ops off window ends; all counted ops are router calls.
-    return round(n[0] / max(calls[0], 1))
+    c = max(calls[0], 1)
+    return round(n[0] / c), round(nbytes[0] / c)
 
 
 def _fmt_ratio(r: Ratio) -> str:
@@ -324,10 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (default 1)")
     p.add_argument("--blocks", type=int, default=0, help="A/B blocks per variant (0: per-model default)")
-    p.add_argument("--steps-per-block", type=int, default=0, help="steps per block (0: per-model default)")
+    p.add_argument("--steps-per-block", type=int, default=0, help="steps per block (0: one window)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant")
-    p.add_argument("--window-steps", type=int, default=100, help="moewatch window length in optimizer steps "
-                   "(100, the library default)")
+    p.add_argument("--window-steps", type=int, default=0,
+                   help="moewatch window length in optimizer steps (0: per-model default: demo 100, qwen3moe 10, "
+                   "moe64 2)")
     p.add_argument("--scale", type=float, default=1.0, help="scale tokens per step (smoke tests use < 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -346,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine(device)
     clock = "wall (CUDA-synchronised per block)" if device.type == "cuda" else "thread CPU time"
     print(f"# moewatch step overhead on {device}: {machine}")
-    print(f"# clock: {clock}; window_steps={args.window_steps}; sinks off (console, jsonl, prometheus, alerts)")
+    print(f"# clock: {clock}; one model per row, moewatch / naive attached for a block, removed after it; "
+          "moewatch sinks off (console, jsonl, prometheus, alerts), window ends on")
     results = []
     for name in names:
         t0 = time.perf_counter()
@@ -359,19 +379,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   moewatch hooks: {r.hook_us_per_step:.1f} us/step measured inside the hooks "
               f"({r.hook_us_per_step / (r.step_ms['plain'] * 1e3) * 100:.2f}% of a plain step), "
               f"{r.ops_per_router_call} aten ops per router call")
-        print(f"   peak memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
-              f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; monitor buffers {r.monitor_state_bytes} B; "
-              f"{r.window_ends} window ends")
-        print(f"   syncs: {r.sync_check}")
-    print("\n| model | plain ms/step | moewatch / plain (median [IQR]) | naive / plain | in-hook us/step | "
-          "ops/router call | peak mem +moewatch | monitor buffers |")
+        mem = (f"peak step memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
+               f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; " if r.peak_extra_bytes else "")
+        print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts)), temporaries "
+              f"<= {r.extra['transient_bytes_per_router_call'] / 1024:.1f} KiB per router call, freed when its hook "
+              f"returns; {r.window_ends} window ends timed")
+        print(f"   window_steps {r.window_steps}, {r.extra['blocks']} blocks x {r.extra['steps_per_block']} steps per "
+              f"variant; syncs: {r.sync_check}")
+    print("\n| model | window | plain ms/step | moewatch / plain, median [IQR] (95% CI) | naive / plain | "
+          "in-hook us/step | ops/router call | monitor memory |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         m, nv = r.ratio["moewatch/plain"], r.ratio["naive/plain"]
-        print(f"| {r.model} | {r.step_ms['plain']:.2f} | {m.median:.4f} [{m.q1:.4f}-{m.q3:.4f}] "
-              f"(CI {m.ci_lo:.4f}-{m.ci_hi:.4f}) | {nv.median:.3f} [{nv.q1:.3f}-{nv.q3:.3f}] | "
-              f"{r.hook_us_per_step:.0f} | {r.ops_per_router_call} | "
-              f"{r.peak_extra_bytes['moewatch'] / 1024:.0f} KiB | {r.monitor_state_bytes} B |")
+        mem = f"{r.monitor_state_bytes} B buffers + {r.extra['transient_bytes_per_router_call'] / 1024:.1f} KiB/call"
+        if r.peak_extra_bytes:
+            mem += f"; peak +{r.peak_extra_bytes['moewatch'] / 1024:.0f} KiB"
+        print(f"| {r.model} | {r.window_steps} | {r.step_ms['plain']:.2f} | {m.median:.4f} [{m.q1:.4f}-{m.q3:.4f}] "
+              f"({m.ci_lo:.4f}-{m.ci_hi:.4f}) | {nv.median:.3f} [{nv.q1:.3f}-{nv.q3:.3f}] | "
+              f"{r.hook_us_per_step:.0f} | {r.ops_per_router_call} | {mem} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "device": str(device), "clock": clock,

@@ -55,13 +55,15 @@ class BenchTopKRouter(nn.Module):
 
 
 class BenchExperts(nn.Module):
-    """SwiGLU experts, looped over the experts that got tokens (transformers' eager ``*Experts`` pattern)."""
+    """SwiGLU experts, looped over the experts that got tokens (transformers' eager ``*Experts`` pattern), one
+    parameter per expert (slicing one [E, ...] parameter per expert makes backward write E full-size zero
+    gradients per layer, which would dominate the step)."""
 
     def __init__(self, dim: int, num_experts: int, ffn: int) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.gate_up_EFD = nn.Parameter(torch.randn(num_experts, 2 * ffn, dim) * dim**-0.5)
-        self.down_EDF = nn.Parameter(torch.randn(num_experts, dim, ffn) * ffn**-0.5)
+        self.gate_up_EFD = nn.ParameterList(torch.randn(2 * ffn, dim) * dim**-0.5 for _ in range(num_experts))
+        self.down_EDF = nn.ParameterList(torch.randn(dim, ffn) * ffn**-0.5 for _ in range(num_experts))
 
     def forward(self, x_TD: torch.Tensor, indices_TK: torch.Tensor, scores_TK: torch.Tensor) -> torch.Tensor:
         out_TD = torch.zeros_like(x_TD)
