@@ -1,0 +1,43 @@
+"""Smoke tests: the benchmark scripts run end to end with tiny settings (numbers are not checked)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: float = 120) -> str:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_overhead_help() -> None:
+    assert "--device" in _run("benchmarks/overhead.py", "--help")
+    assert "--layers" in _run("benchmarks/scale.py", "--help")
+
+
+def test_overhead_runs_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    text = _run(
+        "benchmarks/overhead.py", "--models", "demo,qwen3moe", "--blocks", "2", "--steps-per-block", "2",
+        "--window-steps", "2", "--warmup", "1", "--scale", "0.1", "--json", str(out),
+    )
+    assert "| demo | 2 |" in text and "| qwen3moe | 2 |" in text
+    data = json.loads(out.read_text())
+    for r in data["results"]:
+        assert r["ratio"]["moewatch/plain"]["n"] == 2
+        assert r["window_ends"] >= 2  # window ends were inside the timed blocks
+        assert 0 < r["ops_per_router_call"] <= 16
+
+
+def test_scale_runs_tiny() -> None:
+    text = _run("benchmarks/scale.py", "--layers", "3", "--experts", "16", "--top-k", "2", "--tokens", "32",
+                "--repeats", "2")
+    assert "window close" in text and "per-expert" in text and "monitor device buffers" in text
