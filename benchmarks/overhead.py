@@ -10,7 +10,8 @@ its interquartile range and a bootstrap 95% confidence interval of the median.
 CPU time (``time.thread_time``, one intra-op thread by default) is the primary clock on the CPU: on a shared
 machine it does not count the time other processes hold the core. On CUDA the clock is wall time between
 ``torch.cuda.synchronize()`` calls at block edges, and ``torch.cuda.set_sync_debug_mode("error")`` is armed
-inside moewatch's hooks and around ``optimizer.step()`` on every step that does not end a window.
+inside moewatch's router hooks and its optimizer post-hook on every step that does not end a window (the
+monitor is strict there, so a sync stops the run).
 
     python benchmarks/overhead.py                       # all models, CPU
     python benchmarks/overhead.py --models demo --blocks 60
@@ -28,8 +29,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,8 +37,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import moewatch  # noqa: E402
 from reference_models import WORKLOADS, NaiveMonitor, Workload, build_workload  # noqa: E402
+
+import moewatch  # noqa: E402
 
 SINKS_OFF: dict[str, Any] = {
     "console": {"enabled": False},
@@ -98,34 +99,35 @@ class Clock:
         return time.thread_time(), time.perf_counter()
 
 
-@contextmanager
-def _sync_debug(device: torch.device, on: bool) -> Iterator[None]:
-    if device.type != "cuda" or not on:
-        yield
-        return
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-def _arm_sync_debug_in_hooks(watch: moewatch.Monitor, device: torch.device, armed: list[bool]) -> list[Any]:
-    """Make every router call run moewatch's hook under sync-debug "error": a forward hook that runs before
-    moewatch's arms it, one that runs after disarms it. ``armed[0]`` False (window-end steps) skips it."""
+def _arm_sync_debug(watch: moewatch.Monitor, device: torch.device, armed: list[bool]) -> list[Any]:
+    """Run moewatch's own code under ``torch.cuda.set_sync_debug_mode("error")`` when ``armed[0]`` (steps that
+    do not end a window): every router hook (a forward hook that runs before moewatch's arms, one after it
+    disarms) and the optimizer post-hook's ``_advance``. The models' own syncs (transformers' expert loops
+    call ``nonzero``) stay outside. The monitor must be strict, or it would swallow the error."""
     if device.type != "cuda":
         return []
+
+    def arm(*_: Any) -> None:
+        if armed[0]:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def disarm(*_: Any) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+
     handles = []
     for spec in watch._specs:
-        def before(*_: Any) -> None:
-            if armed[0]:
-                torch.cuda.set_sync_debug_mode("error")
+        handles.append(spec.hook_module.register_forward_hook(arm, prepend=True))
+        handles.append(spec.hook_module.register_forward_hook(disarm))
+    advance = watch._advance
 
-        def after(*_: Any) -> None:
-            torch.cuda.set_sync_debug_mode("default")
+    def guarded_advance() -> Any:
+        arm()
+        try:
+            return advance()
+        finally:
+            disarm()
 
-        handles.append(spec.hook_module.register_forward_hook(before, prepend=True))
-        handles.append(spec.hook_module.register_forward_hook(after))
+    watch._advance = guarded_advance  # type: ignore[method-assign]  # the optimizer post-hook calls this
     return handles
 
 
@@ -188,21 +190,19 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     armed = [False]
 
     def attach() -> moewatch.Monitor:
+        # strict on CUDA: a sync-debug error inside a hook must stop the run, not disable the router.
         return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window_steps,
-                               run_name=f"bench-{name}", **SINKS_OFF)
+                               run_name=f"bench-{name}", strict=device.type == "cuda", **SINKS_OFF)
 
     def run_block(v: str, n: int) -> tuple[float, float, int]:
         watch = attach() if v == "moewatch" else None
         naive = NaiveMonitor(w.model) if v == "naive" else None
-        debug = _arm_sync_debug_in_hooks(watch, device, armed) if watch is not None else []
+        debug = _arm_sync_debug(watch, device, armed) if watch is not None else []
         c0, w0 = clock.now()
         for _ in range(n):
-            if watch is not None and device.type == "cuda":
+            if watch is not None:
                 armed[0] = (watch.step_count + 1) % window_steps != 0  # not a window end
-                with _sync_debug(device, armed[0]):
-                    w.step(counter[0])
-            else:
-                w.step(counter[0])
+            w.step(counter[0])
             counter[0] += 1
         c1, w1 = clock.now()
         ends = 0
@@ -236,11 +236,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
 
     k = 1 if device.type == "cuda" else 0
     ratios = {
-        f"{v}/plain": _summarise([a[k] / p[k] for a, p in zip(per_step[v], per_step["plain"])])
+        f"{v}/plain": _summarise([a[k] / p[k] for a, p in zip(per_step[v], per_step["plain"], strict=False)])
         for v in ("moewatch", "naive")
     }
     wall = {
-        f"{v}/plain": statistics.median([a[1] / p[1] for a, p in zip(per_step[v], per_step["plain"])])
+        f"{v}/plain": statistics.median([a[1] / p[1] for a, p in zip(per_step[v], per_step["plain"], strict=False)])
         for v in ("moewatch", "naive")
     }
     step_ms = {v: statistics.median(x[k] for x in per_step[v]) * 1e3 for v in VARIANTS}
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_model(name, args, device)
         results.append(r)
         print(f"\n## {name}: {r.description}  ({time.perf_counter() - t0:.0f} s)")
-        print(f"   step ms (median): " + ", ".join(f"{v} {ms:.3f}" for v, ms in r.step_ms.items()))
+        print("   step ms (median): " + ", ".join(f"{v} {ms:.3f}" for v, ms in r.step_ms.items()))
         print(f"   moewatch/plain  {_fmt_ratio(r.ratio['moewatch/plain'])}  wall {r.wall_ratio['moewatch/plain']:.4f}")
         print(f"   naive/plain     {_fmt_ratio(r.ratio['naive/plain'])}  wall {r.wall_ratio['naive/plain']:.4f}")
         print(f"   moewatch hooks: {r.hook_us_per_step:.1f} us/step measured inside the hooks "

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_s: list[float] = []
     body = b""
     with torch.no_grad():
-        for i in range(args.repeats + 2):
+        for _i in range(args.repeats + 2):
             for _ in range(args.steps):
                 model(x_TD)
                 watch.step()
