@@ -66,7 +66,7 @@ class Accumulator:
     """Per-router counters, updated in place with no host synchronisation.
 
     A router call with indices and softmax logits (the common case) costs 16 aten ops, no composites: 3 to
-    count (clamp, remainder, index_add_), 4 for the probability sums (log_softmax, exp, nansum, add_), 3 for
+    count (clamp, remainder, index_add_), 4 for the probability sums (log_softmax, exp_, nansum, add_), 3 for
     the finite rows and 6 for the z-loss (see ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
 
     def __init__(self, num_experts: list[int]) -> None:
@@ -141,10 +141,11 @@ class Accumulator:
                 ed, td = (0, 1) if e < 16 and logits.device.type == "cpu" else (1, 0)
                 x = logits.t() if ed == 0 else logits
                 logp = torch.log_softmax(x, dim=ed)
-                bufs.prob_rows[layer].add_(torch.nansum(torch.exp(logp), dim=td))  # non-finite rows add nothing
                 # logsumexp = max(logit) - max(log p) (same expert): two cheap reductions instead of
                 # logsumexp's five kernels. NaN, never +-inf, exactly when a row holds NaN/+inf or is all -inf.
                 lse_T = torch.amax(x, dim=ed) - torch.amax(logp, dim=ed)
+                # exp in place: one [T, E] temporary per call, not two. Non-finite rows add nothing.
+                bufs.prob_rows[layer].add_(torch.nansum(logp.exp_(), dim=td))
                 bufs.finite_cells[layer].add_(torch.count_nonzero(lse_T == lse_T))
                 lse_T = torch.nan_to_num(lse_T, nan=0.0)
             bufs.z_cells[layer].add_(torch.dot(lse_T, lse_T))
