@@ -192,7 +192,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     def attach() -> moewatch.Monitor:
         # strict on CUDA: a sync-debug error inside a hook must stop the run, not disable the router.
         return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window_steps,
-                               run_name=f"bench-{name}", strict=device.type == "cuda", **SINKS_OFF)
+                               run_name=f"bench-{name}", strict=device.type == "cuda",
+                               probs_every=args.probs_every, **SINKS_OFF)
 
     def run_block(v: str, n: int) -> tuple[float, float, int]:
         watch = attach() if v == "moewatch" else None
@@ -348,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="moewatch window length in optimizer steps (0: per-model default: demo 100, qwen3moe 10, "
                    "moe64 2)")
     p.add_argument("--scale", type=float, default=1.0, help="scale tokens per step (smoke tests use < 1)")
+    p.add_argument("--probs-every", type=int, default=1,
+                   help="moewatch probs_every: probability statistics on every Nth router call (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="print every block")

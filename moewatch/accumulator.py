@@ -69,8 +69,10 @@ class Accumulator:
     count (clamp, remainder, index_add_), 4 for the probability sums (log_softmax, exp_, nansum, add_), 3 for
     the finite rows and 6 for the z-loss (see ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
 
-    def __init__(self, num_experts: list[int]) -> None:
+    def __init__(self, num_experts: list[int], probs_every: int = 1) -> None:
         self.num_experts = list(num_experts)
+        self.probs_every = probs_every
+        self._calls_L = [0] * len(num_experts)
         self.n_layers = len(num_experts)
         self.e_max = max(num_experts)
         self.col_z, self.col_finite, self.col_dropped = self.e_max, self.e_max + 1, self.e_max + 2
@@ -121,6 +123,13 @@ class Accumulator:
         else:
             raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
 
+        if out.dropped is not None:
+            bufs.dropped_cells[layer].add_(out.dropped)
+        if self.probs_every > 1:  # probability statistics on every Nth call only (counts above are exact)
+            calls = self._calls_L[layer]
+            self._calls_L[layer] = calls + 1
+            if calls % self.probs_every:
+                return
         if out.logits_TE is not None and out.probs_TE is None:
             logits = out.logits_TE.detach()
             if logits.dim() != 2:
@@ -154,8 +163,6 @@ class Accumulator:
             bufs.prob_rows[layer].add_(torch.nansum(probs, dim=0))
             self.prob_tokens_L[layer] += probs.shape[0]
             bufs.finite_cells[layer].add_(torch.isfinite(probs).all(dim=-1).sum())
-        if out.dropped is not None:
-            bufs.dropped_cells[layer].add_(out.dropped)
 
     def pack(self) -> torch.Tensor | None:
         """Everything of the window in one float64 tensor ``[L, Emax + 1 + Emax + 3]`` on the first device

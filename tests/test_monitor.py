@@ -295,3 +295,15 @@ def test_console_table_shows_each_layer_and_state():
 def test_expert_rank_map_must_fit_the_routers():
     with pytest.raises(moewatch.ConfigError, match="expert_rank_map has 3 entries"):
         moewatch.attach(ToyMoE(num_experts=4), **quiet(expert_rank_map=[0, 1, 1]))
+
+
+def test_probs_every_samples_probability_statistics_but_counts_every_call():
+    model = ToyMoE(layers=1)
+    with moewatch.attach(model, **quiet(probs_every=3)) as watch:
+        for _ in range(7):  # calls 0, 3, 6 carry probability statistics
+            model(tokens_for(A1))
+        assert watch._acc.prob_tokens_L == [3 * len(A1)]
+        layer = watch.flush().layers[0]
+    assert layer.loads == expected_loads(A1 * 7, 4)  # exact
+    assert layer.tokens == 7 * len(A1)
+    assert layer.entropy_source == "probs" and layer.z_loss is not None
