@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,30 +20,15 @@ from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 
 import moewatch
+from tests.fakes import quiet
 
 H, BATCH, SEQ = 16, 2, 12
 TOKENS = BATCH * SEQ
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _attach(model: nn.Module, **kw: Any) -> moewatch.Monitor:
-    opts: dict[str, Any] = dict(
-        window_steps=1000,
-        console={"enabled": False},
-        jsonl={"enabled": False},
-        prometheus={"enabled": False},
-        alerts={"enabled": False},
-        min_fair_share=0,
-        strict=True,
-    )
-    return moewatch.attach(model, **{**opts, **kw})
+    return moewatch.attach(model, **quiet(**{"window_steps": 1000, **kw}))
 
 
 class Stack(nn.Module):

@@ -20,6 +20,7 @@ from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 
 import moewatch
+from tests.fakes import quiet
 
 transformers = pytest.importorskip("transformers")
 
@@ -304,26 +305,9 @@ CASES: dict[str, Case] = {
 CHECKPOINTED = ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "llama4", "dbrx", "phimoe"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared 2-core machine run much faster without intra-op threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _attach(model: nn.Module, **kw: Any) -> moewatch.Monitor:
-    opts: dict[str, Any] = dict(
-        window_steps=1000,
-        console={"enabled": False},
-        jsonl={"enabled": False},
-        prometheus={"enabled": False},
-        alerts={"enabled": False},
-        min_fair_share=0,
-        strict=True,
-    )
-    return moewatch.attach(model, **{**opts, **kw})
+    return moewatch.attach(model, **quiet(**{"window_steps": 1000, **kw}))
 
 
 def _inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
