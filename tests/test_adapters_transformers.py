@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+import transformers  # noqa: E402 - a test extra: missing it must fail, not skip
 from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 
 import moewatch
 from tests.fakes import quiet
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, BATCH, SEQ = 64, 2, 8
 TOKENS = BATCH * SEQ

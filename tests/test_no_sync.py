@@ -125,7 +125,7 @@ def _demo_steps(device: str = "cpu") -> tuple[nn.Module, Callable[[], None]]:
 
 
 def _qwen3_steps() -> tuple[nn.Module, Callable[[], None]]:
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test extra: missing it must fail, not skip
     config = transformers.Qwen3MoeConfig(
         vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
