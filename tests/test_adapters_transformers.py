@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-import transformers  # noqa: E402 - a test extra: missing it must fail, not skip
+import transformers  # a test extra: missing it must fail, not skip
 from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 

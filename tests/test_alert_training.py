@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-import transformers  # noqa: E402 - a test extra: missing it must fail, not skip
+import transformers  # a test extra: missing it must fail, not skip
 from webhook_server import WebhookServer, make_layer, make_report, status
 
 import moewatch
