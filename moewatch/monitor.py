@@ -55,9 +55,7 @@ class Monitor:
                 "monitor (or use it as a context manager) before attaching again"
             )
         self.config = config
-        self._specs = specs
         self._routers = [s.info(i) for i, s in enumerate(specs)]
-        self._top_k = [s.top_k for s in specs]
         self._acc = Accumulator([s.num_experts for s in specs], config.probs_every)
         self._sinks: list[Sink] = list(sinks or [])
         self._group = process_group
