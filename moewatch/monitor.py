@@ -55,6 +55,7 @@ class Monitor:
                 "monitor (or use it as a context manager) before attaching again"
             )
         self.config = config
+        self._specs = specs  # read by benchmarks/ to time the hooks
         self._routers = [s.info(i) for i, s in enumerate(specs)]
         self._acc = Accumulator([s.num_experts for s in specs], config.probs_every)
         self._sinks: list[Sink] = list(sinks or [])
