@@ -257,7 +257,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     if peaks:
         peaks["moewatch"] = _peak_extra_bytes(lambda: w.step(0), device)
     hook_us = _hook_time_per_step(w, watch, max(2, min(50, 3 * window_steps)), counter[0])
-    state = sum(b.counts_LE1.numel() * 8 + b.stats_LS.numel() * 8 + 8 for b in watch._acc._bufs.values())
+    state = watch._acc.state_bytes()
     watch.close()
     watch = moewatch.attach(w.model, optimizer=w.optimizer, window_steps=10**9, run_name="count", **SINKS_OFF)
     w.step(0)

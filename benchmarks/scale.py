@@ -119,16 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     series = sum(1 for line in lines if line and not line.startswith("#"))
     per_expert = sum(1 for line in lines if line.startswith("moewatch_expert"))
 
-    bufs = watch._acc._bufs.values()
-    state = sum(b.counts_LE1.numel() * b.counts_LE1.element_size() + b.stats_LS.numel() * b.stats_LS.element_size()
-                for b in bufs)
+    state = watch._acc.state_bytes()
     print(f"window close (flush: pack, copy, metrics, health, report, Prometheus emit): {_ms(close_s)}")
     print(f"scrape, first after a window (renders + serves) GET {exporter.url}: {_ms(cold_s)}")
     print(f"scrape, later in the window (cached bytes): {_ms(warm_s)}; {len(body) / 1e6:.2f} MB, {series} series "
           f"({per_expert} per-expert)")
     print(f"for reference, prometheus_client.generate_latest(registry) without moewatch's per-window cache: "
           f"{_ms(collect_s)}; {len(text) / 1e6:.2f} MB")
-    print(f"monitor device buffers: {state / 1024:.1f} KiB = {args.layers} x ({args.experts} + 1) int64 + "
+    print(f"monitor device buffers: {state / 1024:.1f} KiB = {args.layers} x ({args.experts} + 2) int64 + "
           f"{args.layers} x ({args.experts} + 3) float64; no per-token state")
     watch.close()
     return 0

@@ -4,7 +4,10 @@ Legend: ``L`` routers (layers), ``E`` experts of a router (``Emax`` the largest)
 ``K`` top-k. Buffers live on the device of the router outputs, are updated in place under ``no_grad`` and
 are never read by the host until a window closes:
 
-* ``counts_LE1`` int64 ``[L, Emax + 1]``: assignments per expert; column ``E`` of a row holds invalid ids.
+* ``counts_LE2`` int64 ``[L, Emax + 2]``: assignments per expert in columns ``1..E`` of a row; column 0 counts
+  ids below 0 and column ``E + 1`` ids of ``E`` or more (both invalid). ``torch.bucketize`` maps an id to its
+  column in one kernel that never reads the device from the host (``index_add_`` of an invalid id would
+  crash the process on CUDA instead).
 * ``stats_LS`` float64 ``[L, Emax + 3]``: columns ``[:E]`` sum of router probability vectors,
   ``Emax`` sum of ``logsumexp(logits)^2`` (z-loss), ``Emax + 1`` finite token rows, ``Emax + 2`` dropped
   assignments reported by the framework.
@@ -28,7 +31,7 @@ __all__ = ["Accumulator", "WindowCounts"]
 class WindowCounts:
     """Host copy of one window's buffers (numpy), the input of :mod:`moewatch.window`."""
 
-    counts_LE1: np.ndarray  # int64 [L, Emax + 1]
+    counts_LE1: np.ndarray  # int64 [L, Emax + 1]; column E of a row holds the router's invalid ids
     stats_LS: np.ndarray  # float64 [L, Emax + 3]
     tokens_L: np.ndarray  # int64 [L]
     prob_tokens_L: np.ndarray  # int64 [L], tokens whose probabilities/logits were seen
@@ -37,16 +40,19 @@ class WindowCounts:
 class _Buffers:
     """One device's buffers, plus per-layer views of them made once so that an update slices nothing."""
 
-    __slots__ = ("counts_LE1", "stats_LS", "one", "ones_N", "count_rows", "prob_rows", "z_cells", "finite_cells",
-                 "dropped_cells")
+    __slots__ = ("counts_LE2", "stats_LS", "one", "ones_N", "count_rows", "expert_counts", "edges", "prob_rows",
+                 "z_cells", "finite_cells", "dropped_cells")
 
     def __init__(self, num_experts: list[int], e_max: int, device: torch.device) -> None:
         n_layers = len(num_experts)
-        self.counts_LE1 = torch.zeros(n_layers, e_max + 1, dtype=torch.int64, device=device)
+        self.counts_LE2 = torch.zeros(n_layers, e_max + 2, dtype=torch.int64, device=device)
         self.stats_LS = torch.zeros(n_layers, e_max + 3, dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self.ones_N = self.one.expand(0)  # the index_add_ source of the last call's size, a view of `one`
-        self.count_rows = list(self.counts_LE1.unbind(0))
+        self.count_rows = list(self.counts_LE2.unbind(0))
+        self.expert_counts = [self.counts_LE2[i, 1 : e + 1] for i, e in enumerate(num_experts)]
+        # bucketize(id, [0, 1, ..., E], right=True): id + 1 for a valid id, 0 below, E + 1 above.
+        self.edges = {e: torch.arange(e + 1, device=device) for e in set(num_experts)}
         self.prob_rows = [self.stats_LS[i, :e] for i, e in enumerate(num_experts)]
         self.z_cells = list(self.stats_LS[:, e_max].unbind(0))
         self.finite_cells = list(self.stats_LS[:, e_max + 1].unbind(0))
@@ -58,16 +64,17 @@ class _Buffers:
         return self.ones_N
 
     def zero_(self) -> None:
-        self.counts_LE1.zero_()
+        self.counts_LE2.zero_()
         self.stats_LS.zero_()
 
 
 class Accumulator:
     """Per-router counters, updated in place with no host synchronisation.
 
-    A router call with indices and softmax logits (the common case) costs 16 aten ops, no composites: 3 to
-    count (clamp, remainder, index_add_), 4 for the probability sums (log_softmax, exp_, nansum, add_), 3 for
-    the finite rows and 6 for the z-loss (see ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
+    A router call with indices costs 2 aten ops to count (bucketize, index_add_). A call that also carries
+    the probability statistics (softmax logits, the common case) costs 13 more, no composites: 4 for the
+    probability sums (log_softmax, exp_, nansum, add_), 3 for the finite rows and 6 for the z-loss (see
+    ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
 
     def __init__(self, num_experts: list[int], probs_every: int = 1) -> None:
         self.num_experts = list(num_experts)
@@ -94,6 +101,19 @@ class Accumulator:
         return bufs
 
     @property
+    def packed_width(self) -> int:
+        """Columns of :meth:`pack`'s tensor: ``Emax + 2`` counts, then ``Emax + 3`` statistics."""
+        return 2 * self.e_max + 5
+
+    def state_bytes(self) -> int:
+        """Bytes of device memory the buffers hold (constant: O(layers x experts), nothing per token)."""
+        total = 0
+        for b in self._bufs.values():
+            for t in (b.counts_LE2, b.stats_LS, b.one, *b.edges.values()):
+                total += t.numel() * t.element_size()
+        return total
+
+    @property
     def devices(self) -> list[torch.device]:
         return list(self._bufs)
 
@@ -107,25 +127,24 @@ class Accumulator:
             self.tokens_L[layer] += n // top_k
             if idx.dtype is not torch.int64 and idx.dtype is not torch.int32:
                 idx = idx.long()
-            # Ids outside [0, E) land in column E: clamp to [-1, E], then -1 -> E by remainder.
-            ids_N = torch.remainder(idx.clamp(-1, e), e + 1).view(-1)
-            bufs.count_rows[layer].index_add_(0, ids_N, bufs.ones(n))
+            cols_N = torch.bucketize(idx, bufs.edges[e], right=True).view(-1)
+            bufs.count_rows[layer].index_add_(0, cols_N, bufs.ones(n))
         elif out.routing_map_TE is not None:
             rmap = out.routing_map_TE.reshape(-1, e)
             bufs = self._buffers(rmap.device)
             self.tokens_L[layer] += rmap.shape[0]
-            bufs.counts_LE1[layer, :e].add_(rmap.sum(dim=0, dtype=torch.int64))
+            bufs.expert_counts[layer].add_(rmap.sum(dim=0, dtype=torch.int64))
         elif out.counts_E is not None and out.num_tokens is not None:
             counts = out.counts_E.reshape(-1)
             bufs = self._buffers(counts.device)
             self.tokens_L[layer] += out.num_tokens
-            bufs.counts_LE1[layer, :e].add_(counts.to(torch.int64))
+            bufs.expert_counts[layer].add_(counts.to(torch.int64))
         else:
             raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
 
         if out.dropped is not None:
             bufs.dropped_cells[layer].add_(out.dropped)
-        if self.probs_every > 1:  # probability statistics on every Nth call only (counts above are exact)
+        if self.probs_every > 1:  # probabilities on calls 0, N, 2N, ... of the window; counts above are exact
             calls = self._calls_L[layer]
             self._calls_L[layer] = calls + 1
             if calls % self.probs_every:
@@ -165,13 +184,13 @@ class Accumulator:
             bufs.finite_cells[layer].add_(torch.isfinite(probs).all(dim=-1).sum())
 
     def pack(self) -> torch.Tensor | None:
-        """Everything of the window in one float64 tensor ``[L, Emax + 1 + Emax + 3]`` on the first device
+        """Everything of the window in one float64 tensor ``[L, packed_width]`` on the first device
         (device-side, no sync), and zero the buffers. ``None`` if nothing was ever counted."""
         if not self._bufs:
             return None
         parts = []
         for bufs in self._bufs.values():
-            parts.append(torch.cat([bufs.counts_LE1.double(), bufs.stats_LS], dim=1))
+            parts.append(torch.cat([bufs.counts_LE2.double(), bufs.stats_LS], dim=1))
         packed = parts[0]  # torch.cat made a fresh tensor: zeroing the buffers below leaves it intact
         for extra in parts[1:]:
             packed.add_(extra.to(packed.device, non_blocking=True))
@@ -185,12 +204,18 @@ class Accumulator:
         for i in range(self.n_layers):
             self.tokens_L[i] = 0
             self.prob_tokens_L[i] = 0
+            self._calls_L[i] = 0  # every window samples the probability statistics from its first call
         return tokens, prob_tokens
 
     def unpack(self, packed_host: np.ndarray, tokens_L: np.ndarray, prob_tokens_L: np.ndarray) -> WindowCounts:
-        c = self.e_max + 1
+        c = self.e_max + 2
+        raw_LE2 = np.rint(packed_host[:, :c]).astype(np.int64)
+        counts_LE1 = np.zeros((self.n_layers, self.e_max + 1), dtype=np.int64)
+        for i, e in enumerate(self.num_experts):
+            counts_LE1[i, :e] = raw_LE2[i, 1 : e + 1]
+            counts_LE1[i, e] = raw_LE2[i, 0] + raw_LE2[i, e + 1 :].sum()
         return WindowCounts(
-            counts_LE1=np.rint(packed_host[:, :c]).astype(np.int64),
+            counts_LE1=counts_LE1,
             stats_LS=packed_host[:, c:].astype(np.float64),
             tokens_L=tokens_L,
             prob_tokens_L=prob_tokens_L,

@@ -79,7 +79,7 @@ class WindowFlusher:
         return self.poll()
 
     def _zeros(self) -> np.ndarray:
-        return np.zeros((self._acc.n_layers, 2 * self._acc.e_max + 4))
+        return np.zeros((self._acc.n_layers, self._acc.packed_width))
 
     def _all_reduce(
         self, packed: torch.Tensor | None, tokens: np.ndarray, prob_tokens: np.ndarray

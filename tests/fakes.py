@@ -21,6 +21,7 @@ def quiet(**overrides: Any) -> dict[str, Any]:
         "alerts": {"enabled": False},
         "min_fair_share": 0,
         "strict": True,
+        "probs_every": 1,  # exact probability statistics to check against; sampling has tests of its own
     }
     base.update(overrides)
     return base
