@@ -70,7 +70,10 @@ class ModelResult:
     peak_extra_bytes: dict[str, int]  # peak memory of a step above plain's
     monitor_state_bytes: int  # device buffers moewatch holds
     hook_us_per_step: float  # time inside moewatch's hooks per step, measured directly
-    ops_per_router_call: int
+    ops_per_router_call: float  # on average over a sampling period
+    ops_sampled_call: int  # a call that also reads the probabilities
+    ops_count_call: int  # a count-only call
+    probs_every: int
     window_steps: int
     window_ends: int
     sync_check: str
@@ -189,11 +192,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     counter = [0]
     armed = [False]
 
-    def attach() -> moewatch.Monitor:
+    def attach(window: int = window_steps) -> moewatch.Monitor:
         # strict on CUDA: a sync-debug error inside a hook must stop the run, not disable the router.
-        return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window_steps,
+        return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window,
                                run_name=f"bench-{name}", strict=device.type == "cuda",
-                               probs_every=args.probs_every, **SINKS_OFF)
+                               **({} if args.probs_every is None else {"probs_every": args.probs_every}), **SINKS_OFF)
 
     def run_block(v: str, n: int) -> tuple[float, float, int]:
         watch = attach() if v == "moewatch" else None
@@ -259,9 +262,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     hook_us = _hook_time_per_step(w, watch, max(2, min(50, 3 * window_steps)), counter[0])
     state = watch._acc.state_bytes()
     watch.close()
-    watch = moewatch.attach(w.model, optimizer=w.optimizer, window_steps=10**9, run_name="count", **SINKS_OFF)
-    w.step(0)
-    ops, transient = _count_update_ops(watch, w)  # on a step that is not a window end
+    watch = attach(window=10**9)
+    probs_every = watch.config.probs_every
+    w.step(0)  # allocates the buffers
+    watch._acc.take_host_counts()  # as at a window end: the next call of each router is sampled
+    ops_sampled, ops_count, transient = _count_update_ops(watch, w)  # steps that are not window ends
     watch.close()
     sync_check = "not run (CPU; see tests/test_no_sync.py)"
     if device.type == "cuda":
@@ -276,7 +281,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         peak_extra_bytes={v: peaks[v] - peaks["plain"] for v in ("moewatch", "naive")} if peaks else {},
         monitor_state_bytes=state,
         hook_us_per_step=hook_us,
-        ops_per_router_call=ops,
+        ops_per_router_call=ops_count + (ops_sampled - ops_count) / probs_every,
+        ops_sampled_call=ops_sampled,
+        ops_count_call=ops_count,
+        probs_every=probs_every,
         window_steps=window_steps,
         window_ends=window_ends,
         sync_check=sync_check,
@@ -284,9 +292,11 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     )
 
 
-def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> tuple[int, int]:
-    """Per router call, on one training step: non-view aten ops moewatch issues, and the bytes of the tensors
-    they return (every one of them is freed when the hook returns: an upper bound of its transient memory)."""
+def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> tuple[int, int, int]:
+    """Per router call, on the window's first step (its calls sample the probability statistics) and on the
+    next (count-only, unless probs_every is 1): non-view aten ops moewatch issues, and the bytes of the
+    tensors they return (every one of them is freed when the hook returns: an upper bound of its transient
+    memory). Returns (ops of a sampled call, ops of a count-only call, transient bytes)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     pkg = os.path.dirname(moewatch.__file__) + os.sep
@@ -310,14 +320,17 @@ def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> tuple[int, int]:
 
     calls = [0]
     hs = [s.hook_module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1)) for s in watch._specs]
+    per_call = []
     try:
-        with Count():
-            w.step(0)
+        for i in range(2):
+            n[0] = calls[0] = 0
+            with Count():
+                w.step(i)
+            per_call.append(round(n[0] / max(calls[0], 1)))
     finally:
         for h in hs:
             h.remove()
-    c = max(calls[0], 1)
-    return round(n[0] / c), round(nbytes[0] / c)
+    return per_call[0], per_call[1], round(nbytes[0] / max(2 * calls[0], 1))
 
 
 def _fmt_ratio(r: Ratio) -> str:
@@ -349,8 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="moewatch window length in optimizer steps (0: per-model default: demo 100, qwen3moe 10, "
                    "moe64 2)")
     p.add_argument("--scale", type=float, default=1.0, help="scale tokens per step (smoke tests use < 1)")
-    p.add_argument("--probs-every", type=int, default=1,
-                   help="moewatch probs_every: probability statistics on every Nth router call (default 1)")
+    p.add_argument("--probs-every", type=int, default=None,
+                   help="moewatch probs_every: probability statistics on every Nth router call of a window "
+                   f"(default: moewatch's, {moewatch.MoEWatchConfig.model_fields['probs_every'].default})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="print every block")
@@ -381,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   naive/plain     {_fmt_ratio(r.ratio['naive/plain'])}  wall {r.wall_ratio['naive/plain']:.4f}")
         print(f"   moewatch hooks: {r.hook_us_per_step:.1f} us/step measured inside the hooks "
               f"({r.hook_us_per_step / (r.step_ms['plain'] * 1e3) * 100:.2f}% of a plain step), "
-              f"{r.ops_per_router_call} aten ops per router call")
+              f"{r.ops_count_call} aten ops per router call, {r.ops_sampled_call} on the calls that sample the "
+              f"probabilities (probs_every {r.probs_every}): {r.ops_per_router_call:.2f} on average")
         mem = (f"peak step memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
                f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; " if r.peak_extra_bytes else "")
         print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts)), temporaries "
@@ -390,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   window_steps {r.window_steps}, {r.extra['blocks']} blocks x {r.extra['steps_per_block']} steps per "
               f"variant; syncs: {r.sync_check}")
     print("\n| model | window | plain ms/step | moewatch / plain, median [IQR] (95% CI) | naive / plain | "
-          "in-hook us/step | ops/router call | monitor memory |")
+          "in-hook us/step | ops per router call (+ on sampled calls) | monitor memory |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         m, nv = r.ratio["moewatch/plain"], r.ratio["naive/plain"]
@@ -399,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             mem += f"; peak +{r.peak_extra_bytes['moewatch'] / 1024:.0f} KiB"
         print(f"| {r.model} | {r.window_steps} | {r.step_ms['plain']:.2f} | {m.median:.4f} [{m.q1:.4f}-{m.q3:.4f}] "
               f"({m.ci_lo:.4f}-{m.ci_hi:.4f}) | {nv.median:.3f} [{nv.q1:.3f}-{nv.q3:.3f}] | "
-              f"{r.hook_us_per_step:.0f} | {r.ops_per_router_call} | {mem} |")
+              f"{r.hook_us_per_step:.0f} | {r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every "
+              f"{r.probs_every}) | {mem} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "device": str(device), "clock": clock,

@@ -34,7 +34,9 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
     for r in data["results"]:
         assert r["ratio"]["moewatch/plain"]["n"] == 2
         assert r["window_ends"] >= 2  # window ends were inside the timed blocks
-        assert 0 < r["ops_per_router_call"] <= 16
+        assert r["probs_every"] == 8  # moewatch's default
+        assert r["ops_count_call"] == 2 and 2 < r["ops_sampled_call"] <= 16
+        assert r["ops_per_router_call"] == 2 + (r["ops_sampled_call"] - 2) / 8
 
 
 def test_scale_runs_tiny() -> None:
