@@ -149,8 +149,11 @@ class Accumulator:
             self._calls_L[layer] = calls + 1
             if calls % self.probs_every:
                 return
-        if out.logits_TE is not None and out.probs_TE is None:
-            logits = out.logits_TE.detach()
+        logits = out.logits_TE
+        if logits is None and out.probs_TE is None and out.logits_fn is not None:
+            logits = out.logits_fn()
+        if logits is not None and out.probs_TE is None:
+            logits = logits.detach()
             if logits.dim() != 2:
                 logits = logits.reshape(-1, e)
             if logits.dtype is not torch.float32:

@@ -157,8 +157,8 @@ class MoEWatchConfig(BaseSettings):
     recompute_logits: bool = Field(
         True,
         description="Megatron-Core and DeepSpeed routers return no probability vector: recompute their logits "
-        "(one extra [tokens, hidden] x [hidden, experts] product per call, the gate's own size) for entropy "
-        "and z-loss. Off: entropy falls back to the loads.",
+        "(one extra [tokens, hidden] x [hidden, experts] product, the gate's own size, on each call that samples "
+        "the probabilities: see probs_every) for entropy and z-loss. Off: entropy falls back to the loads.",
     )
     count_eval: bool = Field(False, description="Also count forwards in eval mode.")
     async_flush: bool = Field(

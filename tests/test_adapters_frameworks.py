@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -662,6 +663,26 @@ def test_sync_guard_catches_a_syncing_extractor(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(AssertionError, match="__bool__"):
         model(_x(0))
     watch.close()
+
+
+def test_logits_are_recomputed_only_on_the_calls_that_sample_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moewatch.adapters import families
+
+    recomputes = []
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        recomputes.append(x.shape[0])
+        return F.linear(x, w)
+
+    monkeypatch.setattr(families, "F", SimpleNamespace(linear=linear))
+    cfg = megatron.TransformerConfig(hidden_size=H, num_moe_experts=6, moe_router_topk=2)
+    for model in (Stack([megatron.MoELayer(cfg)]), _deepspeed_model(2)):
+        recomputes.clear()
+        watch = _attach(model, probs_every=4)
+        layer = _run(model, watch, steps=9).layers[0]  # calls 0, 4 and 8 sample
+        watch.close()
+        assert recomputes == [TOKENS] * 3 * len(model.layers)
+        assert layer.assignments == 9 * TOKENS * 2 and layer.entropy_source == "probs"
 
 
 def test_logit_recompute_can_be_switched_off() -> None:

@@ -21,7 +21,8 @@ ScoreFunc = Literal["softmax", "sigmoid"]
 class RouterOutput:
     """One router call, as moewatch reads it. Give ``indices_TK``, ``routing_map_TE``, or ``counts_E``
     with ``num_tokens``; optionally ``logits_TE`` (probabilities are derived with ``score_func``) or ready
-    ``probs_TE``."""
+    ``probs_TE``, or ``logits_fn`` when the logits cost work to get: it is called only on the calls that
+    sample the probabilities (``probs_every``)."""
 
     indices_TK: torch.Tensor | None = None
     routing_map_TE: torch.Tensor | None = None
@@ -33,6 +34,8 @@ class RouterOutput:
     score_func: ScoreFunc = "softmax"
     #: Assignments the framework dropped for capacity (a 0-dim tensor), when it reports them.
     dropped: torch.Tensor | None = None
+    #: Computes ``logits_TE`` on demand (for example recomputed from the router's input and weight).
+    logits_fn: Callable[[], torch.Tensor | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

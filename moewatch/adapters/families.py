@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -181,13 +182,18 @@ def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cf
 # --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks -----------------------------------------
 
 
-def _recomputed_logits(module: nn.Module, args: tuple[Any, ...], weight: torch.Tensor) -> torch.Tensor | None:
-    """Router logits for routers that return none: one extra [T, H] x [H, E] product, the size of the
-    gating itself (input jitter, if any, is not reproduced)."""
+def _recomputed_logits(args: tuple[Any, ...], weight: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+    """Router logits for routers that return none, as a ``RouterOutput.logits_fn``: one extra [T, H] x [H, E]
+    product, the size of the gating itself, on the calls that sample the probabilities only (input jitter,
+    if any, is not reproduced)."""
     if not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0].detach()
-    return F.linear(x.reshape(-1, x.shape[-1]), weight.detach().to(x.dtype))
+
+    def logits() -> torch.Tensor:
+        return F.linear(x.reshape(-1, x.shape[-1]), weight.detach().to(x.dtype))
+
+    return logits
 
 
 def _recompute(cfg: Any) -> bool:
@@ -201,8 +207,8 @@ def _read_megatron(spec: RouterSpec, recompute: bool):
         # (probs_TE zero outside the top-k, routing_map_TE bool): probs are no distribution, so the
         # probability vector comes from logits recomputed with the router's own weight.
         _, routing_map = out
-        logits = _recomputed_logits(module, args, module.weight) if recompute else None
-        return RouterOutput(routing_map_TE=routing_map, logits_TE=logits, score_func=sf)
+        logits_fn = _recomputed_logits(args, module.weight) if recompute else None
+        return RouterOutput(routing_map_TE=routing_map, logits_fn=logits_fn, score_func=sf)
 
     return read
 
@@ -230,9 +236,9 @@ def _read_deepspeed(recompute: bool):
         counts_E = out[-1]
         x = args[0]
         dropped = counts_E.sum() - out[2].sum() if len(out) == 4 else None
-        logits = _recomputed_logits(module, args, module.wg.weight) if recompute else None
+        logits_fn = _recomputed_logits(args, module.wg.weight) if recompute else None
         return RouterOutput(
-            counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_TE=logits, dropped=dropped
+            counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_fn=logits_fn, dropped=dropped
         )
 
     return read
