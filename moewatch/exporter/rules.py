@@ -36,11 +36,22 @@ class RuleOptions:
     warning_for: str = "15m"
     dead_for: str = "10m"
     absent_for: str = "5m"
+    stalled_for: str = "5m"
+    #: No window closed for ``stalled_factor`` x the last window's length, and for at least ``stalled_after``.
+    stalled_factor: int = 3
+    stalled_after: str = "10m"
     runbook_url: str = RUNBOOK_URL
 
     def short(self, duration: str = "3s") -> RuleOptions:
+        """Every ``for`` set to ``duration`` (``stalled_after`` is kept: a short test run must not look
+        stalled while it starts up)."""
         return replace(
-            self, collapsed_for=duration, warning_for=duration, dead_for=duration, absent_for=duration
+            self,
+            collapsed_for=duration,
+            warning_for=duration,
+            dead_for=duration,
+            absent_for=duration,
+            stalled_for=duration,
         )
 
 
@@ -119,6 +130,19 @@ def alert_specs(opts: RuleOptions = RuleOptions()) -> list[AlertSpec]:
             + opts.absent_for
             + ": router health of the training run is not being watched.",
         ),
+        AlertSpec(
+            "MoEWatchTrainingStalled",
+            "time() - moewatch_window_end_timestamp_seconds > clamp_min("
+            f"{opts.stalled_factor} * moewatch_window_duration_seconds, {_seconds(opts.stalled_after)})",
+            opts.stalled_for,
+            "warning",
+            "Training stalled: run {{ $labels.run }} has closed no window",
+            "The moewatch exporter of run {{ $labels.run }} is up but no window has closed for "
+            f"{opts.stalled_factor}x the last window's length (at least {opts.stalled_after}), for "
+            + opts.stalled_for
+            + " more: training is hung (a collective waiting on a dead rank, a stuck data loader) or in a "
+            "long phase without optimizer steps (evaluation, checkpointing).",
+        ),
     ]
 
 
@@ -143,6 +167,13 @@ def rules_yaml(opts: RuleOptions = RuleOptions()) -> str:
 
 
 # --- promtool unit tests ---------------------------------------------------------------------
+
+
+def _seconds(duration: str) -> int:
+    m = re.fullmatch(r"(\d+)([smh])", duration)
+    if m is None:
+        raise ValueError(f"durations are whole seconds, minutes or hours (e.g. 10m), got {duration!r}")
+    return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 def _minutes(duration: str) -> int:
@@ -228,8 +259,51 @@ def rules_test_document(
             "1",
         ),
         _silent(specs["MoEWatchExporterAbsent"], [up(1)]),
+        *_stalled_cases(specs["MoEWatchTrainingStalled"], rb, opts, {"run": "r1", **target}),
     ]
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
+
+
+def _stalled_cases(
+    spec: AlertSpec, runbook_url: str, opts: RuleOptions, labels: dict[str, str]
+) -> list[dict[str, Any]]:
+    """promtool's clock starts at 0: a window that ended at time 0 and lasted 1 minute is overdue once
+    ``max(factor x 1m, stalled_after)`` has passed, and fires ``stalled_for`` after that."""
+    end, length = "moewatch_window_end_timestamp_seconds", "moewatch_window_duration_seconds"
+    overdue = max(opts.stalled_factor * 60, _seconds(opts.stalled_after)) // 60 + 1  # first minute past it
+    fires = overdue + _minutes(spec.for_)
+    rule = spec.rule(runbook_url)
+    expected = {
+        "exp_labels": {**labels, "severity": spec.severity},
+        "exp_annotations": {k: _render(v, labels, "") for k, v in rule["annotations"].items()},
+    }
+
+    def series(end_values: str, length_s: int) -> list[dict[str, str]]:
+        return [
+            {"series": _series(end, labels), "values": end_values},
+            {"series": _series(length, labels), "values": f"{length_s}x{3 * fires}"},
+        ]
+
+    stuck = series(f"0x{3 * fires}", 60)
+    return [
+        {
+            "interval": "1m",
+            "input_series": stuck,
+            "alert_rule_test": [
+                {"eval_time": f"{fires - 1}m", "alertname": spec.name, "exp_alerts": []},
+                {"eval_time": f"{fires}m", "alertname": spec.name, "exp_alerts": [expected]},
+            ],
+        },
+        # windows closing every minute: never stalled; a long last window (an hour) raises the bar
+        *(
+            {
+                "interval": "1m",
+                "input_series": inputs,
+                "alert_rule_test": [{"eval_time": f"{2 * fires}m", "alertname": spec.name, "exp_alerts": []}],
+            }
+            for inputs in (series(f"0+60x{3 * fires}", 60), series(f"0x{3 * fires}", 3600))
+        ),
+    ]
 
 
 def rules_test_yaml(opts: RuleOptions = RuleOptions()) -> str:
