@@ -4,6 +4,7 @@
     watch = moewatch.attach(model, optimizer=opt)   # finds every router, starts counting
 """
 
+from moewatch._version import __version__
 from moewatch.adapters.base import RouterInfo, RouterOutput
 from moewatch.adapters.discovery import NoRouterFoundError
 from moewatch.attach import attach
@@ -11,8 +12,6 @@ from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
 from moewatch.monitor import AlreadyAttachedError, Monitor
 from moewatch.report import HealthState, LayerReport, WindowReport
 from moewatch.sinks.base import Sink
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AlreadyAttachedError",

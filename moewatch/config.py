@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moewatch.alerting.settings import AlertsConfig
 from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
+from moewatch.trend_settings import EarlyWarningConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,7 +110,20 @@ class MoEWatchConfig(BaseSettings):
     run_name: str = Field(default_factory=_default_run_name, min_length=1, description="Label for this run.")
     window_steps: int = Field(100, ge=1, description="Optimizer steps per metrics window.")
     min_fair_share: float = Field(
-        32.0, ge=0, description="Windows with fewer assignments per expert are insufficient_data (no alerts)."
+        0.0,
+        ge=0,
+        description="Deprecated: noise-aware health (false_alarm_rate) replaces this blanket guard. When set, "
+        "windows with fewer assignments per expert are still insufficient_data (no alerts).",
+    )
+    false_alarm_rate: float = Field(
+        1e-4,
+        gt=0,
+        lt=1,
+        description="Judge a metric against a threshold only where a balanced router would cross it by sampling "
+        "noise alone in at most this share of layer-windows; elsewhere the metric reads insufficient_data.",
+    )
+    early_warning: EarlyWarningConfig = Field(
+        default_factory=EarlyWarningConfig, description="Trend fit and projected_collapse warning."
     )
     dead_fraction: float = Field(
         0.01, ge=0, le=1, description="An expert is dead when its load is below this fraction of the fair share."

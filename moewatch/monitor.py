@@ -18,6 +18,7 @@ from moewatch.config import MoEWatchConfig
 from moewatch.flush import WindowFlusher
 from moewatch.report import WindowReport
 from moewatch.sinks.base import Sink
+from moewatch.trend import TrendTracker
 from moewatch.window import WindowMeta, build_window_report
 
 __all__ = ["AlreadyAttachedError", "Monitor"]
@@ -93,6 +94,7 @@ class Monitor:
             # step (so a user who calls step() after the first forward never gets a double count).
             self._root_handle = model.register_forward_pre_hook(self._on_root_forward)
         _ATTACHED[model] = self
+        self._trend = TrendTracker(self.config.early_warning, self.config.thresholds)
         for sink in self._sinks:
             self._bind(sink)
 
@@ -294,7 +296,7 @@ class Monitor:
 
     def _publish(self, counts: WindowCounts, meta: WindowMeta) -> WindowReport | None:
         try:
-            report = build_window_report(self._routers, counts, meta, self.config)
+            report = self._trend.update(build_window_report(self._routers, counts, meta, self.config))
         except Exception:
             if self.config.strict:
                 raise

@@ -12,7 +12,12 @@ from enum import Enum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["HealthState", "LayerReport", "WindowReport", "STATE_VALUES"]
+from moewatch._version import __version__
+
+__all__ = ["HealthState", "LayerReport", "SCHEMA_VERSION", "WindowReport", "STATE_VALUES"]
+
+#: Version of the report (and JSONL line) schema; bumped when fields change meaning or go away.
+SCHEMA_VERSION = 2
 
 
 class HealthState(str, Enum):
@@ -72,6 +77,24 @@ class LayerReport(BaseModel):
     ep_load_cov: float | None = None
     state: HealthState
     reasons: list[str] = Field(default_factory=list)
+    noise_floor: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="Per metric, what a perfectly balanced router reaches by sampling noise alone at "
+        "false_alarm_rate (upper floor for load_cov, top2_excess, dead_ratio; lower floor for norm_entropy).",
+    )
+    metric_states: dict[str, HealthState] = Field(
+        default_factory=dict, description="State of each judged metric (insufficient_data: inside the noise)."
+    )
+    not_enough_data: dict[str, str] = Field(
+        default_factory=dict, description="Metrics that read insufficient_data this window, with the reason."
+    )
+    projected_collapse_step: int | None = Field(
+        default=None, description="Step at which the trend fit crosses a collapsed threshold; None: not heading there."
+    )
+    projected_collapse_metric: str | None = Field(default=None, description="The metric projected to cross first.")
+    idle_windows: list[int] = Field(
+        default_factory=list, description="Per expert, windows since it last received a token (0: this window)."
+    )
 
 
 class WindowReport(BaseModel):
@@ -89,6 +112,11 @@ class WindowReport(BaseModel):
     hook_errors: int = Field(default=0, description="Router hook exceptions swallowed so far.")
     layers: list[LayerReport]
     state: HealthState
+    schema_version: int = Field(default=SCHEMA_VERSION, description="Report schema version.")
+    moewatch_version: str = Field(default=__version__, description="moewatch version that wrote the report.")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="Health thresholds and false_alarm_rate in force for this window."
+    )
 
     @property
     def steps(self) -> int:

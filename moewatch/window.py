@@ -12,6 +12,7 @@ from moewatch.accumulator import WindowCounts
 from moewatch.adapters.base import RouterInfo
 from moewatch.config import MoEWatchConfig
 from moewatch.health import classify_layer, worst
+from moewatch.noise import noise_floor
 from moewatch.report import LayerReport, WindowReport
 
 __all__ = ["WindowMeta", "build_layer_report", "build_window_report"]
@@ -79,6 +80,7 @@ def build_layer_report(
     else:
         ent, source = metrics.norm_entropy(loads), "loads"
     dead_ratio = len(dead) / e
+    noise = noise_floor(assignments, e, info.top_k, cfg.false_alarm_rate, cfg.dead_fraction)
     cls = classify_layer(
         load_cov=cov,
         dead_ratio=dead_ratio,
@@ -87,6 +89,7 @@ def build_layer_report(
         fair_share=fair,
         min_fair_share=cfg.min_fair_share,
         thresholds=cfg.thresholds,
+        noise=noise,
     )
     ep = _ep_loads(loads, cfg.expert_parallel_size, cfg.expert_rank_map)
     nonfinite = max(int(round(prob_tokens - finite_rows)), 0)
@@ -118,6 +121,9 @@ def build_layer_report(
         ep_load_cov=_round(metrics.load_cov(ep)) if ep else None,
         state=cls.state,
         reasons=cls.reasons,
+        noise_floor={name: _round(v) for name, v in noise.as_dict().items()},
+        metric_states=cls.metric_states,
+        not_enough_data=cls.not_enough_data,
     )
 
 
@@ -146,4 +152,5 @@ def build_window_report(
         hook_errors=meta.hook_errors,
         layers=layers,
         state=worst(layer.state for layer in layers),
+        thresholds={**cfg.thresholds.model_dump(), "false_alarm_rate": cfg.false_alarm_rate},
     )

@@ -8,7 +8,8 @@ from moewatch.config import ConfigError, MoEWatchConfig, build_config
 def test_defaults():
     cfg = MoEWatchConfig()
     assert cfg.window_steps == 100
-    assert cfg.min_fair_share == 32
+    assert cfg.min_fair_share == 0  # deprecated: noise-aware health replaces it
+    assert cfg.false_alarm_rate == 1e-4
     assert cfg.dead_fraction == 0.01
     assert cfg.thresholds.load_cov_collapsed == 1.0
     assert cfg.run_name.startswith("run-")

@@ -1,0 +1,25 @@
+"""Settings of the early warning (:mod:`moewatch.trend`), kept apart so the config imports nothing heavy."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["EarlyWarningConfig"]
+
+
+class EarlyWarningConfig(BaseModel):
+    """Per layer, a robust fit of how fast the health metrics approach their collapsed thresholds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Fit trends and report projected_collapse_step.")
+    windows: int = Field(8, ge=3, description="Fit over the last this many windows (M).")
+    horizon_steps: int = Field(
+        500, ge=1, description="Alert projected_collapse when the projected collapse is at most this many steps away."
+    )
+    min_rate: float = Field(
+        0.02,
+        ge=0,
+        description="Ignore trends whose log-distance to the threshold shrinks by less than this per window "
+        "(noise, not a collapse).",
+    )
