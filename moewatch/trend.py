@@ -16,7 +16,7 @@ A projection is made only when the trend is real, which keeps a balanced router 
 
 ``projected_collapse_step`` is the earliest projection over the three metrics (``None`` when none is heading
 there, or the layer is already collapsed). The alert engine raises ``projected_collapse`` when it is within
-``early_warning.horizon_steps`` of the window's end.
+``alerts.projected_collapse_horizon_steps`` of the window's end.
 """
 
 from __future__ import annotations

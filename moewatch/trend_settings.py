@@ -14,9 +14,6 @@ class EarlyWarningConfig(BaseModel):
 
     enabled: bool = Field(True, description="Fit trends and report projected_collapse_step.")
     windows: int = Field(8, ge=3, description="Fit over the last this many windows (M).")
-    horizon_steps: int = Field(
-        500, ge=1, description="Alert projected_collapse when the projected collapse is at most this many steps away."
-    )
     min_rate: float = Field(
         0.02,
         ge=0,

@@ -32,6 +32,7 @@ def test_every_alert_is_complete_and_in_the_runbook() -> None:
         "MoEWatchDeadExperts",
         "MoEWatchExporterAbsent",
         "MoEWatchTrainingStalled",
+        "MoEWatchProjectedCollapse",
     }
     runbook = (ALERTS / "runbook.md").read_text()
     headings = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, re.M)}
@@ -94,7 +95,7 @@ def test_alertmanager_example_config() -> None:
 def test_rules_query_exported_metrics(spec) -> None:
     ex = PrometheusExporter("r1", PrometheusConfig(host="127.0.0.1", port=0))
     try:
-        ex.emit(window_report([layer_report(0, [4, 3, 2, 1])]))
+        ex.emit(window_report([layer_report(0, [4, 3, 2, 1], projected_collapse_step=100)]))
         text = requests.get(ex.url, timeout=5).text
     finally:
         ex.close()

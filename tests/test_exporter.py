@@ -143,11 +143,17 @@ def test_every_layer_report_metric_is_exported(exporter: PrometheusExporter) -> 
         dropped_ratio=0.05,
         ep_loads=[70, 30],
         ep_load_cov=0.4,
+        projected_collapse_step=1234,
+        noise_floor={"load_cov": 0.2, "top2_excess": 0.12, "norm_entropy": 0.98, "dead_ratio": 0.0},
+        idle_windows=[0, 0, 3, 7],
     )
     exporter.emit(window_report([full]))
     s = scrape(exporter.url)
     for name, attr, _ in LAYER_GAUGES:
         assert value(s, name, **L0) == pytest.approx(float(getattr(full, attr))), name
+    for metric, floor in full.noise_floor.items():
+        assert value(s, "moewatch_layer_noise_floor", **L0, metric=metric) == pytest.approx(floor)
+    assert value(s, "moewatch_expert_idle_windows", **L0, expert="3") == 7
     for counter in (
         "moewatch_windows_total",
         "moewatch_tokens_total",

@@ -77,7 +77,7 @@ class AlertEngine:
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    def _active(self, layer: LayerReport, cond: AlertCondition) -> bool:
+    def _active(self, layer: LayerReport, cond: AlertCondition, step_end: int) -> bool:
         if cond is AlertCondition.COLLAPSED:
             return layer.state is HealthState.COLLAPSED
         if cond is AlertCondition.WARNING:
@@ -87,6 +87,9 @@ class AlertEngine:
             return len(layer.dead_expert_ids) >= self.config.dead_experts_min
         if cond is AlertCondition.NONFINITE:
             return layer.nonfinite > 0
+        if cond is AlertCondition.PROJECTED_COLLAPSE:
+            step = layer.projected_collapse_step
+            return step is not None and step - step_end <= self.config.projected_collapse_horizon_steps
         raise AssertionError(cond)
 
     def evaluate(self, report: WindowReport) -> Notification | None:
@@ -100,7 +103,7 @@ class AlertEngine:
             for cond in cfg.conditions:
                 key = (layer.index, cond.value)
                 track = self._tracks.get(key)
-                if self._active(layer, cond):
+                if self._active(layer, cond, report.step_end):
                     if track is None:
                         track = self._tracks[key] = _Track(layer.index, cond.value, run=report.run)
                     track.active += 1

@@ -15,6 +15,7 @@ ALERT_NAMES = {
     AlertCondition.WARNING: "MoEWatchLayerWarning",
     AlertCondition.DEAD_EXPERTS: "MoEWatchDeadExperts",
     AlertCondition.NONFINITE: "MoEWatchRouterNonFinite",
+    AlertCondition.PROJECTED_COLLAPSE: "MoEWatchProjectedCollapse",
 }
 
 

@@ -22,6 +22,7 @@ class AlertCondition(str, Enum):
     WARNING = "warning"
     DEAD_EXPERTS = "dead_experts"
     NONFINITE = "nonfinite"
+    PROJECTED_COLLAPSE = "projected_collapse"
 
 
 class Severity(str, Enum):
@@ -37,6 +38,7 @@ _DEFAULT_SEVERITY = {
     AlertCondition.WARNING: Severity.WARNING,
     AlertCondition.DEAD_EXPERTS: Severity.WARNING,
     AlertCondition.NONFINITE: Severity.CRITICAL,
+    AlertCondition.PROJECTED_COLLAPSE: Severity.WARNING,
 }
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -75,7 +77,7 @@ class AlertsConfig(BaseModel):
     # --- rules ---------------------------------------------------------------------------------
     conditions: list[AlertCondition] = Field(
         default_factory=lambda: list(ALL_CONDITIONS),
-        description="Conditions that raise alerts: collapsed, warning, dead_experts, nonfinite "
+        description="Conditions that raise alerts: collapsed, warning, dead_experts, nonfinite, projected_collapse "
         '(JSON list in the environment, e.g. \'["collapsed","nonfinite"]\').',
     )
     severities: dict[AlertCondition, Severity] = Field(
@@ -94,6 +96,12 @@ class AlertsConfig(BaseModel):
         ge=0,
         description="Re-send still-firing alerts this long after the last notification (seconds, or "
         "'30m', '4h'; 0 re-sends at every window). PagerDuty is not re-sent: it keeps its incident open.",
+    )
+    projected_collapse_horizon_steps: int = Field(
+        500,
+        ge=1,
+        description="The projected_collapse alert fires when a layer's trend reaches a collapsed threshold "
+        "within this many optimizer steps of the window's end (see early_warning).",
     )
     dead_experts_min: int = Field(
         1, ge=1, description="Dead experts in a layer needed for the dead_experts alert."

@@ -61,11 +61,21 @@ LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("moewatch_layer_window_assignments", "assignments", "Expert assignments in the window."),
     ("moewatch_layer_experts", "num_experts", "Experts of the router."),
     ("moewatch_layer_top_k", "top_k", "Experts chosen per token."),
+    (
+        "moewatch_layer_projected_collapse_step",
+        "projected_collapse_step",
+        "Step at which the layer's trend crosses a collapsed threshold (absent: not heading there).",
+    ),
 )
 
 
 _EXPERT_ASSIGNED_HELP = "Assignments (token, expert pairs) routed to the expert, cumulative over windows."
 _EXPERT_DEAD_HELP = "1 if the expert was dead (below dead_fraction of fair share) in the last window."
+_EXPERT_IDLE_HELP = "Windows since the expert last received a token (0: it received one in the last window)."
+_NOISE_HELP = (
+    "What a perfectly balanced router's metric reaches by sampling noise alone at false_alarm_rate in the last "
+    "window (upper floor; lower floor for norm_entropy)."
+)
 
 
 class _Families:
@@ -214,14 +224,18 @@ class MoEWatchCollector(Collector):
         run = escape_label(self.run)
         assigned: list[tuple[str, float]] = []
         dead: list[tuple[str, float]] = []
+        idle: list[tuple[str, float]] = []
         for layer, totals, dead_ids in zip(snap.report.layers, snap.expert_totals, snap.expert_dead, strict=True):
             # prometheus-client writes labels sorted by name: expert, layer, module, run.
             rest = f'",layer="{layer.index}",module="{escape_label(layer.module)}",run="{run}"'
             assigned.extend((f'expert="{e}{rest}', n) for e, n in enumerate(totals))
             dead.extend((f'expert="{e}{rest}', 1.0 if e in dead_ids else 0.0) for e in range(len(totals)))
-        return render_family_text(
-            "moewatch_expert_assignments", "counter", _EXPERT_ASSIGNED_HELP, assigned, "_total"
-        ) + render_family_text("moewatch_expert_dead", "gauge", _EXPERT_DEAD_HELP, dead)
+            idle.extend((f'expert="{e}{rest}', float(n)) for e, n in enumerate(layer.idle_windows))
+        return (
+            render_family_text("moewatch_expert_assignments", "counter", _EXPERT_ASSIGNED_HELP, assigned, "_total")
+            + render_family_text("moewatch_expert_dead", "gauge", _EXPERT_DEAD_HELP, dead)
+            + render_family_text("moewatch_expert_idle_windows", "gauge", _EXPERT_IDLE_HELP, idle)
+        )
 
     def peek(self) -> Iterator[Metric]:
         """Like ``collect()`` but not counted as a scrape (for pushes)."""
@@ -354,6 +368,7 @@ class MoEWatchCollector(Collector):
             (GaugeMetricFamily(name, doc, labels=list(LAYER_LABELS)), attr)
             for name, attr, doc in LAYER_GAUGES
         ]
+        noise = GaugeMetricFamily("moewatch_layer_noise_floor", _NOISE_HELP, labels=[*LAYER_LABELS, "metric"])
         layer_tokens = CounterMetricFamily(
             "moewatch_layer_tokens",
             "Tokens the router saw, cumulative over windows.",
@@ -368,14 +383,19 @@ class MoEWatchCollector(Collector):
                     if value is not None:
                         fam.add_metric(labels, float(value))
                 layer_tokens.add_metric(labels, total)
+                for metric, floor in layer.noise_floor.items():
+                    if floor is not None:
+                        noise.add_metric([*labels, metric], float(floor))
         yield state
         yield from (fam for fam, _ in gauges)
+        yield noise
         yield layer_tokens
 
     def _expert_families(self, snap: _Snapshot | None, with_samples: bool) -> Iterator[Metric]:
         labels_e = [*LAYER_LABELS, "expert"]
         assigned = CounterMetricFamily("moewatch_expert_assignments", _EXPERT_ASSIGNED_HELP, labels=labels_e)
         dead = GaugeMetricFamily("moewatch_expert_dead", _EXPERT_DEAD_HELP, labels=labels_e)
+        idle = GaugeMetricFamily("moewatch_expert_idle_windows", _EXPERT_IDLE_HELP, labels=labels_e)
         if with_samples and snap is not None:
             for layer, totals, dead_ids in zip(
                 snap.report.layers, snap.expert_totals, snap.expert_dead, strict=True
@@ -384,7 +404,9 @@ class MoEWatchCollector(Collector):
                 for e, n in enumerate(totals):
                     assigned.add_metric([*base, str(e)], n)
                     dead.add_metric([*base, str(e)], 1.0 if e in dead_ids else 0.0)
-        yield from (assigned, dead)
+                for e, n in enumerate(layer.idle_windows):
+                    idle.add_metric([*base, str(e)], float(n))
+        yield from (assigned, dead, idle)
 
     def _layer_labels(self, layer: LayerReport) -> list[str]:
         return [self.run, str(layer.index), layer.module]

@@ -37,6 +37,9 @@ class RuleOptions:
     dead_for: str = "10m"
     absent_for: str = "5m"
     stalled_for: str = "5m"
+    projected_for: str = "2m"
+    #: MoEWatchProjectedCollapse fires when the projected collapse is at most this many steps ahead.
+    projected_horizon_steps: int = 500
     #: No window closed for ``stalled_factor`` x the last window's length, and for at least ``stalled_after``.
     stalled_factor: int = 3
     stalled_after: str = "10m"
@@ -52,6 +55,7 @@ class RuleOptions:
             dead_for=duration,
             absent_for=duration,
             stalled_for=duration,
+            projected_for=duration,
         )
 
 
@@ -142,6 +146,18 @@ def alert_specs(opts: RuleOptions = RuleOptions()) -> list[AlertSpec]:
             + opts.stalled_for
             + " more: training is hung (a collective waiting on a dead rank, a stuck data loader) or in a "
             "long phase without optimizer steps (evaluation, checkpointing).",
+        ),
+        AlertSpec(
+            "MoEWatchProjectedCollapse",
+            "(moewatch_layer_projected_collapse_step - ignoring(layer, module) group_left moewatch_step) <= "
+            f"{opts.projected_horizon_steps}",
+            opts.projected_for,
+            "warning",
+            "MoE router heading for collapse: " + _WHERE,
+            "The health metrics of "
+            + _WHERE
+            + " are climbing toward the collapsed thresholds on an exponential trend; at this rate the "
+            "layer collapses in about {{ $value }} optimizer steps. Act now, while no expert is dead yet.",
         ),
     ]
 
@@ -260,6 +276,7 @@ def rules_test_document(
         ),
         _silent(specs["MoEWatchExporterAbsent"], [up(1)]),
         *_stalled_cases(specs["MoEWatchTrainingStalled"], rb, opts, {"run": "r1", **target}),
+        *_projected_cases(specs["MoEWatchProjectedCollapse"], rb, opts, lab, {"run": "r1", **target}),
     ]
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
 
@@ -303,6 +320,25 @@ def _stalled_cases(
             }
             for inputs in (series(f"0+60x{3 * fires}", 60), series(f"0x{3 * fires}", 3600))
         ),
+    ]
+
+
+def _projected_cases(
+    spec: AlertSpec, runbook_url: str, opts: RuleOptions, lab: dict[str, str], run: dict[str, str]
+) -> list[dict[str, Any]]:
+    hold = lambda v: f"{v}x{2 * 60}"  # noqa: E731
+    h = opts.projected_horizon_steps
+
+    def inputs(projected: int | None, step: int) -> list[dict[str, str]]:
+        out = [{"series": _series("moewatch_step", run), "values": hold(step)}]
+        if projected is not None:
+            out.append({"series": _series("moewatch_layer_projected_collapse_step", lab), "values": hold(projected)})
+        return out
+
+    return [
+        _case(spec, runbook_url, inputs(1000 + h, 1000), lab, str(h)),
+        _silent(spec, inputs(1001 + h, 1000)),  # just past the horizon
+        _silent(spec, inputs(None, 1000)),  # not heading for collapse: no series
     ]
 
 
