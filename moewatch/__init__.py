@@ -2,16 +2,42 @@
 
     import moewatch
     watch = moewatch.attach(model, optimizer=opt)   # finds every router, starts counting
+
+Names are imported on first use (PEP 562), so ``import moewatch`` (and the ``moewatch`` command's
+``--help``) does not pay for torch until something needs it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from moewatch._version import __version__
-from moewatch.adapters.base import RouterInfo, RouterOutput
-from moewatch.adapters.discovery import NoRouterFoundError
-from moewatch.attach import attach
-from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
-from moewatch.monitor import AlreadyAttachedError, Monitor
-from moewatch.report import HealthState, LayerReport, WindowReport
-from moewatch.sinks.base import Sink
+
+if TYPE_CHECKING:
+    from moewatch.adapters.base import RouterInfo, RouterOutput
+    from moewatch.adapters.discovery import NoRouterFoundError
+    from moewatch.attach import attach
+    from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
+    from moewatch.monitor import AlreadyAttachedError, Monitor
+    from moewatch.report import HealthState, LayerReport, WindowReport
+    from moewatch.sinks.base import Sink
+
+_LAZY = {
+    "RouterInfo": "moewatch.adapters.base",
+    "RouterOutput": "moewatch.adapters.base",
+    "NoRouterFoundError": "moewatch.adapters.discovery",
+    "attach": "moewatch.attach",
+    "ConfigError": "moewatch.config",
+    "MoEWatchConfig": "moewatch.config",
+    "Thresholds": "moewatch.config",
+    "AlreadyAttachedError": "moewatch.monitor",
+    "Monitor": "moewatch.monitor",
+    "HealthState": "moewatch.report",
+    "LayerReport": "moewatch.report",
+    "WindowReport": "moewatch.report",
+    "Sink": "moewatch.sinks.base",
+}
 
 __all__ = [
     "AlreadyAttachedError",
@@ -29,3 +55,16 @@ __all__ = [
     "attach",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'moewatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

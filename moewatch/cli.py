@@ -1,4 +1,8 @@
-"""The ``moewatch`` command: ``moewatch demo`` and the subcommands other modules register."""
+"""The ``moewatch`` command: ``moewatch demo`` and the subcommands other modules register.
+
+Building the parser imports nothing heavy (no torch, pydantic or rich): each command imports what it
+needs when it runs, so ``moewatch --help`` and ``moewatch --version`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +11,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich import box
-from rich.console import Console
-from rich.table import Table
+from moewatch._version import __version__
 
-from moewatch.config import ConfigError
-from moewatch.report import HealthState
-from moewatch.sinks.console import wide_console
+if TYPE_CHECKING:
+    from rich.console import Console
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 _STYLE = {"healthy": "green", "warning": "yellow", "collapsed": "bold red", "insufficient_data": "dim"}
 
@@ -36,14 +38,20 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="train a small MoE on the CPU with moewatch attached",
         description="Train a small real PyTorch MoE on synthetic data with moewatch attached. --balance none "
-        "reproduces the seed's router collapse; bias and aux keep it balanced.",
+        "reproduces router collapse (the winners' feedback loop starves the other experts); bias and aux keep "
+        "it balanced.",
     )
     p.add_argument("--experts", type=_positive(int), default=8, help="experts per layer (default 8)")
     p.add_argument("--top-k", type=_positive(int), default=2, help="experts per token (default 2)")
     p.add_argument("--layers", type=_positive(int), default=2, help="MoE layers (default 2)")
     p.add_argument("--tokens-per-step", type=_positive(int), default=64, help="tokens per step (default 64)")
     p.add_argument("--steps", type=_positive(int), default=300, help="optimizer steps (default 300)")
-    p.add_argument("--window", type=_positive(int), default=10, help="steps per moewatch window (default 10)")
+    p.add_argument(
+        "--window",
+        type=_positive(int),
+        default=None,
+        help="steps per moewatch window (default: MOEWATCH_WINDOW_STEPS or the config file's window_steps, else 10)",
+    )
     p.add_argument(
         "--balance",
         choices=("none", "bias", "aux"),
@@ -54,13 +62,19 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jsonl", type=Path, default=None, help="JSONL log path (default ./moewatch-runs/<run>/)")
     p.add_argument("--no-console", action="store_true", help="no live table")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep this many seconds after each step")
-    p.add_argument("--linger", type=float, default=0.0, help="keep serving metrics this long after training")
+    p.add_argument(
+        "--linger", type=float, default=0.0, help="keep serving /metrics this many seconds after training (default 0)"
+    )
     p.add_argument("--config", type=Path, default=None, help="moewatch config file (TOML or YAML)")
     p.set_defaults(func=_run_demo)
 
 
 def _summary(result: object, balance: str, out: Console) -> None:
+    from rich import box
+    from rich.table import Table
+
     from moewatch.demo.run import DemoResult
+    from moewatch.report import HealthState
 
     assert isinstance(result, DemoResult)
     last = result.reports[-1] if result.reports else None
@@ -118,6 +132,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         linger=args.linger,
         config_file=args.config,
     )
+    from moewatch.sinks.console import wide_console
+
     result = run_demo(opts)
     _summary(result, args.balance, wide_console())
     return 0
@@ -136,7 +152,8 @@ def _register_plugins(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moewatch", description="Router-health monitoring for MoE training.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"moewatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(sub)
     _register_plugins(sub)
     return parser
@@ -145,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:  # `moewatch` alone: say what there is
+        parser.print_help()
+        return 0
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
         return int(args.func(args))
-    except (ConfigError, ValueError) as exc:
+    except ValueError as exc:  # moewatch.ConfigError included
         print(f"moewatch: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

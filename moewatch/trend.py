@@ -9,7 +9,8 @@ at which ``x`` reaches the metric's collapsed threshold, i.e. where the log-dist
 
 A projection is made only when the trend is real, which keeps a balanced router from ever projecting:
 
-* at least 75 % of the pairwise slopes are positive (a consistent climb, not one outlier);
+* at least ``early_warning.min_windows`` windows (2 by default), and at least 75 % of the pairwise slopes
+  are positive (a consistent climb, not one outlier);
 * the slope exceeds ``min_rate`` per window;
 * the latest fitted value is above the window's noise floor (:mod:`moewatch.noise`): a balanced router's
   metrics stay below it in all but ``false_alarm_rate`` of windows, so trends inside the noise are ignored.
@@ -52,7 +53,7 @@ def projected_crossing(
 ) -> int | None:
     """Step at which ``badness`` (positive, growing toward ``threshold``) is projected to reach it, or ``None``."""
     ok = np.isfinite(badness) & (badness > 0)
-    if ok.sum() < 3 or threshold <= 0:
+    if ok.sum() < 2 or threshold <= 0:
         return None
     x, y = steps[ok].astype(np.float64), np.log(badness[ok])
     slope, intercept, positive = theil_sen(x, y)
@@ -105,7 +106,7 @@ class TrendTracker:
         h.cov.append(_num(layer.load_cov))
         h.top2.append(_num(layer.top2_excess))
         h.ent.append(_num(None if layer.norm_entropy is None else 1.0 - layer.norm_entropy))
-        if layer.state is HealthState.COLLAPSED or len(h.steps) < 3:
+        if layer.state is HealthState.COLLAPSED or len(h.steps) < self.config.min_windows:
             return layer.model_copy(update=update)
         t = self.thresholds
         floors = layer.noise_floor

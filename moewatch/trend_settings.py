@@ -14,6 +14,12 @@ class EarlyWarningConfig(BaseModel):
 
     enabled: bool = Field(True, description="Fit trends and report projected_collapse_step.")
     windows: int = Field(8, ge=3, description="Fit over the last this many windows (M).")
+    min_windows: int = Field(
+        2,
+        ge=2,
+        description="Windows needed before projecting (a fast collapse can take only a few windows; the "
+        "noise-floor guard keeps short fits from raising false alarms).",
+    )
     min_rate: float = Field(
         0.02,
         ge=0,

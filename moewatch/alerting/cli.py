@@ -10,16 +10,25 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import requests
+if TYPE_CHECKING:
+    from moewatch.alerting.delivery import DeliveryResult
+    from moewatch.config import MoEWatchConfig
 
-from moewatch.alerting.delivery import HttpRequest, RetryPolicy, post_with_retries
-from moewatch.alerting.model import Notification
-from moewatch.alerting.notifiers import PagerDutyNotifier
-from moewatch.alerting.sink import build_notifiers
-from moewatch.config import MoEWatchConfig, build_config
+__all__ = ["describe_failure", "register", "run_alert_test"]
 
-__all__ = ["register", "run_alert_test"]
+#: What a transport error means, for a person reading ``alert-test`` output (the exception text itself
+#: is not shown: it embeds the URL, which can be the secret).
+_ERRORS = {
+    "ConnectionError": "could not connect: connection refused, host unreachable or DNS failure",
+    "ConnectTimeout": "no TCP/TLS connection within alerts.connect_timeout",
+    "ReadTimeout": "connected, but no answer within alerts.read_timeout",
+    "SSLError": "TLS handshake failed (certificate or protocol)",
+    "ProxyError": "the HTTP proxy refused or failed the request",
+    "ChunkedEncodingError": "the connection dropped while reading the answer",
+    "TooManyRedirects": "redirected too often",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,13 +47,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_alert_test)
 
 
+def describe_failure(res: DeliveryResult) -> str:
+    """Text after the colon of a failed line: the service's answer, else what the error means. Never empty."""
+    body = " ".join(res.body.split())[:300]
+    if body:
+        return body
+    if res.status is not None:
+        return f"HTTP {res.status} with an empty body"
+    error = res.error or "no answer"
+    return f"{error}: {_ERRORS[error]}" if error in _ERRORS else f"{error} (no answer from the service)"
+
+
 def _load(path: Path | None) -> MoEWatchConfig:
+    from moewatch.config import MoEWatchConfig, build_config
+
     if path is not None:
         return MoEWatchConfig.from_file(path)
     return build_config(None, {}, source="the environment")
 
 
 def run_alert_test(args: argparse.Namespace) -> int:
+    import requests
+
+    from moewatch.alerting.delivery import HttpRequest, RetryPolicy, post_with_retries
+    from moewatch.alerting.model import Notification
+    from moewatch.alerting.notifiers import PagerDutyNotifier
+    from moewatch.alerting.sink import build_notifiers
+
     cfg = _load(getattr(args, "config", None))
     alerts = cfg.alerts
     notifiers = build_notifiers(alerts)
@@ -70,19 +99,27 @@ def run_alert_test(args: argparse.Namespace) -> int:
     with requests.Session() as session:
         for notifier in notifiers:
             reqs: list[HttpRequest] = notifier.render(test)
+            resolve = None
             if isinstance(notifier, PagerDutyNotifier) and not getattr(args, "no_resolve", False):
-                reqs.append(notifier.resolve_request(key))
+                resolve = notifier.resolve_request(key)
+                reqs.append(resolve)
+            notifier_failed = False
             for req in reqs:
+                if req is resolve and notifier_failed:
+                    print(f"{notifier.name:<10} {notifier.target():<40} {req.label:<40} skipped: the trigger "
+                          "failed, so there is no test incident to resolve", file=out)
+                    continue
                 t0 = time.monotonic()
                 res = post_with_retries(session, req, policy, name=notifier.name, secrets=notifier.secrets())
                 took = time.monotonic() - t0
                 verdict = "ok" if res.ok else "FAILED"
                 status = f"HTTP {res.status}" if res.status is not None else (res.error or "no answer")
-                body = " ".join(res.body.split())[:300]
+                detail = " ".join(res.body.split())[:300] if res.ok else describe_failure(res)
                 print(
                     f"{notifier.name:<10} {notifier.target():<40} {req.label:<40} {verdict} {status} "
-                    f"({res.attempts} attempt{'s' if res.attempts != 1 else ''}, {took:.2f}s): {body}",
+                    f"({res.attempts} attempt{'s' if res.attempts != 1 else ''}, {took:.2f}s): {detail}",
                     file=out,
                 )
                 failed += not res.ok
+                notifier_failed = notifier_failed or not res.ok
     return 1 if failed else 0

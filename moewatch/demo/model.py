@@ -1,9 +1,9 @@
-"""A small real MoE for the demo and the benchmarks, with the seed's router feedback loop built in.
+"""A small real MoE for the demo and the benchmarks, with the router-collapse feedback loop built in.
 
 Each layer's router is a learned gate plus a non-learned per-expert bias used for selection. After every
 optimizer step :meth:`DemoMoE.update_bias` moves that bias by the step's loads:
 
-* ``none``: winners are pushed up, ``b_i += rate * (L_i - f) / f``: the seed's positive feedback, which
+* ``none``: winners are pushed up, ``b_i += rate * (L_i - f) / f``: the positive feedback of router collapse, which
   collapses the router onto a few experts.
 * ``bias``: the sign flipped, ``b_i -= rate * sign(L_i - f)``: auxiliary-loss-free balancing
   (DeepSeek-V3).
