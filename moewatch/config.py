@@ -122,6 +122,11 @@ class MoEWatchConfig(BaseSettings):
         description="Judge a metric against a threshold only where a balanced router would cross it by sampling "
         "noise alone in at most this share of layer-windows; elsewhere the metric reads insufficient_data.",
     )
+    noise_aware: bool = Field(
+        True,
+        description="False: judge every threshold whatever the window's sampling noise (noise floors are still "
+        "reported); for tests and for thresholds set on purpose below the noise.",
+    )
     early_warning: EarlyWarningConfig = Field(
         default_factory=EarlyWarningConfig, description="Trend fit and projected_collapse warning."
     )

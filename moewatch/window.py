@@ -89,7 +89,7 @@ def build_layer_report(
         fair_share=fair,
         min_fair_share=cfg.min_fair_share,
         thresholds=cfg.thresholds,
-        noise=noise,
+        noise=noise if cfg.noise_aware else None,
     )
     ep = _ep_loads(loads, cfg.expert_parallel_size, cfg.expert_rank_map)
     nonfinite = max(int(round(prob_tokens - finite_rows)), 0)

@@ -32,7 +32,7 @@ def _mixtral() -> torch.nn.Module:
 
 def _config(alerts: dict, window_steps: int = 2) -> MoEWatchConfig:
     return MoEWatchConfig(
-        run_name="mixtral-test", window_steps=window_steps, min_fair_share=0, thresholds=ALWAYS_COLLAPSED,
+        run_name="mixtral-test", window_steps=window_steps, min_fair_share=0, thresholds=ALWAYS_COLLAPSED, noise_aware=False,
         jsonl={"enabled": False}, console={"enabled": False}, prometheus={"enabled": False},
         alerts=alerts,
     )

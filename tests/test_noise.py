@@ -112,3 +112,10 @@ def test_deprecated_min_fair_share_still_works():
 def test_false_alarm_rate_is_validated():
     with pytest.raises(ValueError, match="false_alarm_rate"):
         noise_floor(100, 8, 2, 0.0)
+
+
+def test_noise_aware_can_be_switched_off():
+    info = RouterInfo(0, "gate", "test", 8, 2)
+    loads = np.array([100, 92, 78, 78, 78, 72, 72, 70, 0])
+    layer = build_layer_report(info, loads, _stats(8), 320, 0, MoEWatchConfig(noise_aware=False))
+    assert layer.state is HealthState.WARNING and layer.noise_floor["top2_excess"] is not None
