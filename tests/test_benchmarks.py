@@ -43,3 +43,12 @@ def test_scale_runs_tiny() -> None:
     text = _run("benchmarks/scale.py", "--layers", "3", "--experts", "16", "--top-k", "2", "--tokens", "32",
                 "--repeats", "2")
     assert "window close" in text and "per-expert" in text and "monitor device buffers" in text
+
+
+def test_early_warning_runs_tiny() -> None:
+    text = _run("benchmarks/early_warning.py", "--seeds", "1", "--steps", "50", timeout=300)
+    assert "lead time (steps) per seed: [2]" in text and "false alarms over 1 x 50 steps: 0" in text
+
+
+def test_cli_startup_runs() -> None:
+    assert "moewatch --help" in _run("benchmarks/cli_startup.py", "--repeat", "1")

@@ -117,3 +117,16 @@ def test_demo_collapse_is_collapsed_in_the_same_windows_or_earlier(window):
     now = [la.state is HealthState.COLLAPSED for la in layers]
     assert all(n for n, old in zip(now, legacy, strict=True) if old)
     assert any(now)
+
+
+def test_projected_collapse_alert_says_when_and_which_metric():
+    engine = AlertEngine(AlertsConfig(conditions=[AlertCondition.PROJECTED_COLLAPSE], log_notifications=False,
+                                      projected_collapse_horizon_steps=100))
+    far = _layer([100, 50, 10, 40], 0.5).model_copy(update={"projected_collapse_step": 500,
+                                                            "projected_collapse_metric": "load_cov"})
+    assert engine.evaluate(_report(0, far)) is None  # 490 steps ahead: beyond the horizon
+    near = far.model_copy(update={"projected_collapse_step": 80})
+    n = engine.evaluate(_report(1, near))
+    assert n is not None and n.alerts[0].status == "firing"
+    assert n.alerts[0].name == "MoEWatchProjectedCollapse"
+    assert "load_cov projected to reach its collapsed threshold at step 80 (60 steps ahead)" in n.alerts[0].reasons

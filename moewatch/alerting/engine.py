@@ -176,6 +176,10 @@ class AlertEngine:
         track.module = layer.module
         track.state = layer.state.value
         track.reasons = list(layer.reasons)
+        if track.condition == AlertCondition.PROJECTED_COLLAPSE.value and layer.projected_collapse_step is not None:
+            track.reasons.insert(0, f"{layer.projected_collapse_metric} projected to reach its collapsed threshold at "
+                                 f"step {layer.projected_collapse_step} ({layer.projected_collapse_step - report.step_end} "
+                                 "steps ahead)")
         track.metrics = metrics
         track.dead_ids = list(layer.dead_expert_ids)
         track.nonfinite = layer.nonfinite
