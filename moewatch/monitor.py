@@ -180,11 +180,12 @@ class Monitor:
             for s in self._sinks
             if hasattr(s, "state_dict")
         }
-        return {"step": self._step, "window": self._window, "sinks": sinks}
+        return {"step": self._step, "window": self._window, "sinks": sinks, "trend": self._trend.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._step = self._window_start_step = int(state.get("step", 0))
         self._window = int(state.get("window", 0))
+        self._trend.load_state_dict(state.get("trend", {}))
         for s in self._sinks:
             saved = state.get("sinks", {}).get(type(s).__name__)
             if saved is not None and hasattr(s, "load_state_dict"):

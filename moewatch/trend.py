@@ -85,6 +85,24 @@ class TrendTracker:
         self.thresholds = thresholds
         self._layers: dict[int, _LayerHistory] = {}
 
+    def state_dict(self) -> dict[str, object]:
+        """JSON-able history (for a training checkpoint): idle windows survive a resume."""
+        return {
+            str(i): {"steps": list(h.steps), "cov": list(h.cov), "top2": list(h.top2), "ent": list(h.ent),
+                     "idle": [int(v) for v in h.idle]}
+            for i, h in self._layers.items()
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        m = self.config.windows
+        self._layers = {}
+        for key, raw in state.items():
+            d = dict(raw)  # type: ignore[call-overload]
+            self._layers[int(key)] = _LayerHistory(
+                deque(d["steps"], maxlen=m), deque(d["cov"], maxlen=m), deque(d["top2"], maxlen=m),
+                deque(d["ent"], maxlen=m), np.asarray(d["idle"], dtype=np.int64),
+            )
+
     def update(self, report: WindowReport) -> WindowReport:
         layers = [self._layer(layer, report) for layer in report.layers]
         return report.model_copy(update={"layers": layers})

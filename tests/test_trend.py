@@ -130,3 +130,34 @@ def test_projected_collapse_alert_says_when_and_which_metric():
     assert n is not None and n.alerts[0].status == "firing"
     assert n.alerts[0].name == "MoEWatchProjectedCollapse"
     assert "load_cov projected to reach its collapsed threshold at step 80 (60 steps ahead)" in n.alerts[0].reasons
+
+
+def test_idle_windows_survive_a_checkpoint_through_the_monitor():
+    import json
+
+    import torch
+
+    import moewatch
+    from moewatch.demo.model import DemoMoE
+
+    def run(state=None):
+        torch.manual_seed(0)
+        model = DemoMoE(16, 4, 1, 1)
+        with torch.no_grad():
+            model.layers[0].gate.selection_bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1e4]))  # expert 3 never wins
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        watch = moewatch.attach(model, optimizer=opt, window_steps=1, console={"enabled": False},
+                                jsonl={"enabled": False}, prometheus={"enabled": False}, alerts={"enabled": False})
+        if state is not None:
+            watch.load_state_dict(json.loads(json.dumps(state)))
+        for _ in range(3):
+            model(torch.randn(32, 16)).sum().backward()
+            opt.step()
+        out = watch.state_dict(), watch.latest
+        watch.close()
+        return out
+
+    state, first = run()
+    assert first.layers[0].idle_windows[3] == 3 and first.layers[0].idle_windows[0] == 0
+    _, resumed = run(state)
+    assert resumed.layers[0].idle_windows[3] == 6
