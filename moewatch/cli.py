@@ -124,6 +124,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _register_plugins(sub: argparse._SubParsersAction) -> None:
+    from moewatch import scan
+
+    scan.register(sub)
     try:
         from moewatch.alerting import cli as alerting_cli
     except ImportError:
