@@ -263,8 +263,8 @@ W, PAD_L, PAD_R = 720, 56, 12
 
 
 def _x(steps: list[int], i: int, width: float) -> float:
-    lo, hi = steps[0], steps[-1]
-    return PAD_L + (width - PAD_L - PAD_R) * ((steps[i] - lo) / (hi - lo) if hi > lo else 0.5)
+    # Window-centred, like the heatmap's and the timeline's columns, so every figure of a layer lines up.
+    return PAD_L + (width - PAD_L - PAD_R) * (i + 0.5) / len(steps)
 
 
 def _share_color(v: float) -> str:
@@ -321,7 +321,7 @@ def svg_metric(s: LayerSeries, m: Metric, t: Thresholds) -> str:
     noise = s.noise[m.key]
     real = [v for v in vals + noise if v is not None]
     top = 1.0 if m.key != "load_cov" else max(1.0, getattr(t, m.collapse)) * 1.25
-    top = max(top, *(real or [0.0])) * (1.05 if real and max(real) > top else 1.0)
+    top = max(top, *(real or [0.0])) * (1.06 if real and max(real) >= top else 1.0)
     plot_h = h - top_pad - bot
 
     def y(v: float) -> float:
@@ -372,7 +372,7 @@ def svg_timeline(s: LayerSeries) -> str:
     parts.append('<text x="4" y="24" class="ax">state</text>')
     for i, st in enumerate(s.states):
         parts.append(
-            f'<rect x="{PAD_L + i * cw:.2f}" y="14" width="{cw + 0.3:.2f}" height="16" fill="{STATE_COLOR.get(st, "#000")}">'
+            f'<rect shape-rendering="crispEdges" x="{PAD_L + i * cw:.2f}" y="14" width="{cw + 0.3:.2f}" height="16" fill="{STATE_COLOR.get(st, "#000")}">'
             f"<title>step {s.steps[i]}: {st}</title></rect>"
         )
     for step, a, b in s.changes():
@@ -505,7 +505,7 @@ def render_png(run: RunData, out_dir: Path) -> list[Path]:
     paths = []
     for s in run.layers:
         fig = plt.figure(figsize=(11, 7.5), dpi=100)
-        grid = fig.add_gridspec(6, 2, height_ratios=[0.5, 3, 1, 1, 1, 1], width_ratios=[3, 2])
+        grid = fig.add_gridspec(5, 2, height_ratios=[0.45, 1, 1, 1, 1], width_ratios=[3, 2])
         ax_t = fig.add_subplot(grid[0, :])
         for i, st in enumerate(s.states):
             ax_t.axvspan(i, i + 1, color=STATE_COLOR.get(st, "#000"))
@@ -524,11 +524,11 @@ def render_png(run: RunData, out_dir: Path) -> list[Path]:
         ax_h.set_ylabel("expert")
         ax_h.set_xlabel("step")
         fig.colorbar(im, ax=ax_h, label="load / fair share")
-        for row, m in enumerate(METRICS, start=2):
+        for row, m in enumerate(METRICS, start=1):
             ax = fig.add_subplot(grid[row, 1])
             vals = [math.nan if v is None else v for v in s.values[m.key]]
             real = [v for v in vals if not math.isnan(v)]
-            top = max([1.0 if m.key != "load_cov" else 1.25 * run.thresholds.load_cov_collapsed, *real])
+            top = max([1.0 if m.key != "load_cov" else 1.25 * run.thresholds.load_cov_collapsed, *real]) * 1.06
             for lo, hi, state in _bands(m, run.thresholds, top):
                 if hi > lo:
                     ax.axhspan(lo, hi, color=BAND_COLOR[state])

@@ -184,7 +184,8 @@ def test_optional_fields_are_rendered_when_present(tmp_path: Path) -> None:
 
 
 def test_png_export_writes_one_non_blank_image_per_layer(demo_log: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib") if os.environ.get("CI") != "true" else None
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("matplotlib")
     assert main(["report", str(demo_log), "--png", str(tmp_path / "png"), "-o", str(tmp_path / "r.html")]) == 0
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert [p.name for p in pngs] == ["layer-000.png", "layer-001.png"]
@@ -215,3 +216,13 @@ def test_bad_inputs_get_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     (tmp_path / "x.jsonl").write_text("not json\n")
     assert main(["report", str(tmp_path / "x.jsonl")]) == 2
     assert "x.jsonl:1 is not JSON" in capsys.readouterr().err
+
+
+def test_png_without_matplotlib_says_how_to_install_it(
+    demo_log: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert main(["report", str(demo_log), "--png", str(tmp_path / "png")]) == 2
+    assert "pip install 'moewatch[report]'" in capsys.readouterr().err
