@@ -43,7 +43,7 @@ def _check_path(path: Path) -> None:
     text = str(path)
     if _HUB_ID.match(text) and not text.startswith((".", "/")):
         raise ScanError(
-            f"{text!r} is not a local path; it looks like a Hugging Face Hub id. moewatch scan reads local "
+            f"{text!r} does not exist locally and looks like a Hugging Face Hub id. moewatch scan reads local "
             f"checkpoints only and never downloads: fetch it first (e.g. `hf download {text} --local-dir "
             f"ckpt/`) and pass the directory"
         )
