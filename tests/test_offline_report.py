@@ -85,17 +85,21 @@ def proxy() -> Iterator[tuple[str, list[str]]]:
         server.server_close()
 
 
-def _chromium(page: Path, proxy_addr: str, profile: Path, *extra: str) -> str:
+def _chromium(page: Path, proxy_addr: str, profile: Path, *extra: str) -> tuple[str, list[str]]:
+    """Run headless Chromium on ``page``; return its stdout and the page's console messages (Chromium's own
+    log of every console call and uncaught exception, independent of the page's error recorder)."""
     cmd = [
         _need_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-extensions", "--disable-default-apps", f"--user-data-dir={profile}",
         f"--proxy-server=http://{proxy_addr}", "--proxy-bypass-list=<-loopback>",
-        "--virtual-time-budget=5000", "--window-size=1560,1300", "--hide-scrollbars", *extra, page.as_uri(),
+        "--virtual-time-budget=5000", "--window-size=1560,1300", "--hide-scrollbars",
+        "--enable-logging=stderr", "--v=0", *extra, page.as_uri(),
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    console = [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+    return done.stdout, console
 
 
 def _png_is_not_blank(path: Path, min_colors: int = 8) -> None:
@@ -121,14 +125,15 @@ def test_html_renders_in_headless_chromium_offline_with_every_figure(
     figures = text.count('class="fig"')
     assert figures == n_layers * 6  # timeline, heatmap, four metrics per layer
 
-    dom = _chromium(page, addr, tmp_path / "profile", "--dump-dom")
+    dom, console = _chromium(page, addr, tmp_path / "profile", "--dump-dom")
+    assert console == [], console
     assert f'data-moewatch-rendered="{figures}"' in dom, dom[:500]
     assert not re.search(r"<html[^>]*data-moewatch-errors", dom), dom[:2000]
     for fig in ("heatmap", "timeline", 'metric" data-metric="load_cov', 'metric" data-metric="norm_entropy'):
         assert dom.count(f'data-fig="{fig}"') == n_layers
     assert 'id="summary"' in dom and "collapsed" in dom
     shot = tmp_path / "shot.png"
-    _chromium(page, addr, tmp_path / "profile2", f"--screenshot={shot}")
+    assert _chromium(page, addr, tmp_path / "profile2", f"--screenshot={shot}")[1] == []
     _png_is_not_blank(shot)
     assert _page_requests(seen) == [], f"the report made network requests: {seen}"
 
@@ -143,7 +148,8 @@ def test_the_checks_catch_errors_and_network_requests(tmp_path: Path, proxy: tup
     )
     page = tmp_path / "bad.html"
     page.write_text(bad, encoding="utf-8")
-    dom = _chromium(page, addr, tmp_path / "p1", "--dump-dom")
+    dom, console = _chromium(page, addr, tmp_path / "p1", "--dump-dom")
+    assert any("undefinedFunction is not defined" in line for line in console), console
     errors = json.loads(re.search(r"data-moewatch-errors=\"([^\"]*)\"", dom).group(1).replace("&quot;", '"'))
     assert any("undefinedFunction" in e for e in errors) and any("example.invalid" in e for e in errors)
     assert _page_requests(seen) == []  # the CSP blocked the image before any request
