@@ -56,6 +56,21 @@ def test_healthy_checkpoint_scans_healthy_and_writes_the_jsonl_report(
     assert "random tokens (seed 0)" in text and "result:" in text
 
 
+def test_qwen3_moe_checkpoint_scans(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, num_experts=E, num_experts_per_tok=K,
+        moe_intermediate_size=16, head_dim=16,
+    )
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    out = tmp_path / "scan.json"
+    assert main(["scan", str(tmp_path / "qwen"), "--json", str(out), "--batches", "4", "--seq-len", "64"]) == 0
+    report = WindowReport.model_validate_json(out.read_text().strip())
+    assert [layer.module for layer in report.layers] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert all(layer.assignments == 4 * 4 * 64 * K and layer.dead_experts == 0 for layer in report.layers)
+
+
 def test_router_edited_so_experts_never_win_is_reported_dead_and_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
