@@ -506,6 +506,13 @@ def render_png(run: RunData, out_dir: Path) -> list[Path]:
     for s in run.layers:
         fig = plt.figure(figsize=(11, 7.5), dpi=100)
         grid = fig.add_gridspec(5, 2, height_ratios=[0.45, 1, 1, 1, 1], width_ratios=[3, 2])
+        n = len(s.steps)
+        xs = [i + 0.5 for i in range(n)]  # window-centred, as in the HTML
+
+        def _step_ticks(ax: Any, steps: list[int] = s.steps) -> None:
+            ticks = sorted({0, *range(0, len(steps), max(1, len(steps) // 6)), len(steps) - 1})
+            ax.set_xticks([t + 0.5 for t in ticks], [str(steps[t]) for t in ticks])
+
         ax_t = fig.add_subplot(grid[0, :])
         for i, st in enumerate(s.states):
             ax_t.axvspan(i, i + 1, color=STATE_COLOR.get(st, "#000"))
@@ -519,10 +526,11 @@ def render_png(run: RunData, out_dir: Path) -> list[Path]:
         ax_h = fig.add_subplot(grid[1:, 0])
         im = ax_h.imshow(
             [list(col) for col in zip(*s.share_WE, strict=False)], aspect="auto", cmap=cmap, vmin=0, vmax=2,
-            origin="lower", extent=(s.steps[0], s.steps[-1], -0.5, s.num_experts - 0.5), interpolation="nearest",
+            origin="lower", extent=(0, n, -0.5, s.num_experts - 0.5), interpolation="nearest",
         )
+        _step_ticks(ax_h)
         ax_h.set_ylabel("expert")
-        ax_h.set_xlabel("step")
+        ax_h.set_xlabel("window end step")
         fig.colorbar(im, ax=ax_h, label="load / fair share")
         for row, m in enumerate(METRICS, start=1):
             ax = fig.add_subplot(grid[row, 1])
@@ -534,10 +542,11 @@ def render_png(run: RunData, out_dir: Path) -> list[Path]:
                     ax.axhspan(lo, hi, color=BAND_COLOR[state])
             noise = [math.nan if v is None else v for v in s.noise[m.key]]
             if any(not math.isnan(v) for v in noise):
-                ax.plot(s.steps, noise, "--", color="#555", lw=1, label="noise floor")
-            ax.plot(s.steps, vals, color="#1f3b73", lw=1.4)
+                ax.plot(xs, noise, "--", color="#555", lw=1, label="noise floor")
+            ax.plot(xs, vals, color="#1f3b73", lw=1.4, marker="." if n < 3 else None)
             ax.set_ylim(0, top)
-            ax.set_xlim(s.steps[0], s.steps[-1])
+            ax.set_xlim(0, n)
+            _step_ticks(ax)
             ax.set_ylabel(m.label, fontsize=8)
             ax.tick_params(labelsize=7)
         fig.tight_layout()
