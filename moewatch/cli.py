@@ -140,6 +140,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _register_plugins(sub: argparse._SubParsersAction) -> None:
+    from moewatch import offline_report, scan
+
+    scan.register(sub)
+    offline_report.register(sub)
     try:
         from moewatch.alerting import cli as alerting_cli
     except ImportError:
