@@ -40,13 +40,16 @@ class WindowCounts:
 class _Buffers:
     """One device's buffers, plus per-layer views of them made once so that an update slices nothing."""
 
-    __slots__ = ("counts_LE2", "stats_LS", "one", "ones_N", "count_rows", "expert_counts", "edges", "prob_rows",
-                 "z_cells", "finite_cells", "dropped_cells")
+    __slots__ = ("counts_LE2", "stats_LS", "traced_LC", "one", "ones_N", "count_rows", "expert_counts", "edges",
+                 "prob_rows", "z_cells", "finite_cells", "dropped_cells")
 
     def __init__(self, num_experts: list[int], e_max: int, device: torch.device) -> None:
         n_layers = len(num_experts)
         self.counts_LE2 = torch.zeros(n_layers, e_max + 2, dtype=torch.int64, device=device)
         self.stats_LS = torch.zeros(n_layers, e_max + 3, dtype=torch.float64, device=device)
+        # Under torch.compile the host-side counters would be guarded Python ints (a recompile per call):
+        # traced calls keep tokens, probability tokens and the call number on the device instead.
+        self.traced_LC = torch.zeros(n_layers, 3, dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self.ones_N = self.one.expand(0)  # the index_add_ source of the last call's size, a view of `one`
         self.count_rows = list(self.counts_LE2.unbind(0))
@@ -66,6 +69,7 @@ class _Buffers:
     def zero_(self) -> None:
         self.counts_LE2.zero_()
         self.stats_LS.zero_()
+        self.traced_LC.zero_()
 
 
 class Accumulator:
@@ -89,6 +93,7 @@ class Accumulator:
         # One set of buffers per device that router outputs live on (several with pipeline/device_map).
         self._bufs: dict[torch.device, _Buffers] = {}
         self._last: tuple[torch.device, _Buffers] | None = None
+        self.traced_calls = False  # set by compiled calls, whose token counts the host does not see
 
     def _buffers(self, device: torch.device) -> _Buffers:
         last = self._last
@@ -102,14 +107,15 @@ class Accumulator:
 
     @property
     def packed_width(self) -> int:
-        """Columns of :meth:`pack`'s tensor: ``Emax + 2`` counts, then ``Emax + 3`` statistics."""
-        return 2 * self.e_max + 5
+        """Columns of :meth:`pack`'s tensor: ``Emax + 2`` counts, ``Emax + 3`` statistics, then the 3 traced
+        counters (tokens, probability tokens, calls) of calls made under ``torch.compile``."""
+        return 2 * self.e_max + 8
 
     def state_bytes(self) -> int:
         """Bytes of device memory the buffers hold (constant: O(layers x experts), nothing per token)."""
         total = 0
         for b in self._bufs.values():
-            for t in (b.counts_LE2, b.stats_LS, b.one, *b.edges.values()):
+            for t in (b.counts_LE2, b.stats_LS, b.traced_LC, b.one, *b.edges.values()):
                 total += t.numel() * t.element_size()
         return total
 
@@ -117,8 +123,17 @@ class Accumulator:
     def devices(self) -> list[torch.device]:
         return list(self._bufs)
 
+    def prepare(self, device: torch.device) -> None:
+        """Allocate the buffers of ``device`` now (at attach), so that a compiled graph finds them instead of
+        creating them, which would cost a recompile on the next call."""
+        if device.type != "meta":
+            self._buffers(device)
+
     def update(self, layer: int, out: RouterOutput, top_k: int) -> None:
         """Add one router call. Must run with gradients disabled."""
+        if torch.compiler.is_compiling():
+            self._update_traced(layer, out, top_k)
+            return
         e = self.num_experts[layer]
         idx = out.indices_TK
         if idx is not None:
@@ -186,6 +201,64 @@ class Accumulator:
             self.prob_tokens_L[layer] += probs.shape[0]
             bufs.finite_cells[layer].add_(torch.isfinite(probs).all(dim=-1).sum())
 
+    def _update_traced(self, layer: int, out: RouterOutput, top_k: int) -> None:
+        """``update`` as torch.compile traces it: the same statistics, with no Python state that changes per
+        call (no guard, no recompile) and no data-dependent branch (no graph break). Every buffer is
+        indexed from its base inside the graph: pre-made views of one base would reach the graph as
+        aliased inputs, whose in-place updates AOTAutograd does not all keep (non-finite rows appeared where
+        eager had none). The probability sampling is a device-side weight (1 on calls 0, N, 2N, ... of the
+        window, else 0), so the graph is the same for every call."""
+        self.traced_calls = True
+        e = self.num_experts[layer]
+        device = next(t.device for t in (out.indices_TK, out.routing_map_TE, out.counts_E) if t is not None)
+        bufs = self._bufs[device]  # allocated by prepare() at attach
+        counts_E2 = bufs.counts_LE2[layer]
+        stats_S, traced_C = bufs.stats_LS[layer], bufs.traced_LC[layer]
+        idx = out.indices_TK
+        if idx is not None:
+            tokens = idx.numel() // top_k
+            if idx.dtype is not torch.int64 and idx.dtype is not torch.int32:
+                idx = idx.long()
+            cols_N = torch.bucketize(idx, bufs.edges[e], right=True).view(-1)
+            counts_E2.index_add_(0, cols_N, torch.ones_like(cols_N, dtype=torch.int64))
+        elif out.routing_map_TE is not None:
+            rmap = out.routing_map_TE.reshape(-1, e)
+            tokens = rmap.shape[0]
+            counts_E2[1 : e + 1].add_(rmap.sum(dim=0, dtype=torch.int64))
+        elif out.counts_E is not None and out.num_tokens is not None:
+            tokens = out.num_tokens
+            counts_E2[1 : e + 1].add_(out.counts_E.reshape(-1).to(torch.int64))
+        else:
+            raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
+        traced_C[0].add_(tokens)
+        if out.dropped is not None:
+            stats_S[self.col_dropped].add_(out.dropped)
+        weight = (torch.remainder(traced_C[2], self.probs_every) == 0).to(torch.float64)
+        traced_C[2].add_(1)
+
+        logits = out.logits_TE
+        if logits is None and out.probs_TE is None and out.logits_fn is not None:
+            logits = out.logits_fn()
+        if logits is not None and out.probs_TE is None:
+            logits = logits.detach().reshape(-1, e).float()
+            if out.score_func == "sigmoid":
+                scores = torch.sigmoid(logits)
+                prob_sum_E = torch.nansum(scores / scores.sum(dim=-1, keepdim=True), dim=0)
+            else:
+                prob_sum_E = torch.nansum(torch.softmax(logits, dim=-1), dim=0)
+            lse_T = torch.logsumexp(logits, dim=-1)
+            finite_T = torch.isfinite(lse_T)
+            lse_T = torch.where(finite_T, lse_T, 0.0)
+            stats_S[:e].add_(prob_sum_E.double() * weight)
+            stats_S[self.col_z].add_(torch.dot(lse_T, lse_T).double() * weight)
+            stats_S[self.col_finite].add_(finite_T.sum().double() * weight)
+            traced_C[1].add_(logits.shape[0] * weight)
+        elif out.probs_TE is not None:
+            probs = out.probs_TE.detach().reshape(-1, e).float()
+            stats_S[:e].add_(torch.nansum(probs, dim=0).double() * weight)
+            stats_S[self.col_finite].add_(torch.isfinite(probs).all(dim=-1).sum().double() * weight)
+            traced_C[1].add_(probs.shape[0] * weight)
+
     def pack(self) -> torch.Tensor | None:
         """Everything of the window in one float64 tensor ``[L, packed_width]`` on the first device
         (device-side, no sync), and zero the buffers. ``None`` if nothing was ever counted."""
@@ -193,7 +266,7 @@ class Accumulator:
             return None
         parts = []
         for bufs in self._bufs.values():
-            parts.append(torch.cat([bufs.counts_LE2.double(), bufs.stats_LS], dim=1))
+            parts.append(torch.cat([bufs.counts_LE2.double(), bufs.stats_LS, bufs.traced_LC], dim=1))
         packed = parts[0]  # torch.cat made a fresh tensor: zeroing the buffers below leaves it intact
         for extra in parts[1:]:
             packed.add_(extra.to(packed.device, non_blocking=True))
@@ -208,18 +281,22 @@ class Accumulator:
             self.tokens_L[i] = 0
             self.prob_tokens_L[i] = 0
             self._calls_L[i] = 0  # every window samples the probability statistics from its first call
+        self.traced_calls = False
         return tokens, prob_tokens
 
     def unpack(self, packed_host: np.ndarray, tokens_L: np.ndarray, prob_tokens_L: np.ndarray) -> WindowCounts:
-        c = self.e_max + 2
+        c, s = self.e_max + 2, 2 * self.e_max + 5
         raw_LE2 = np.rint(packed_host[:, :c]).astype(np.int64)
+        traced_LC = np.rint(packed_host[:, s : s + 3]).astype(np.int64)
+        tokens_L = np.asarray(tokens_L, dtype=np.int64) + traced_LC[:, 0]
+        prob_tokens_L = np.asarray(prob_tokens_L, dtype=np.int64) + traced_LC[:, 1]
         counts_LE1 = np.zeros((self.n_layers, self.e_max + 1), dtype=np.int64)
         for i, e in enumerate(self.num_experts):
             counts_LE1[i, :e] = raw_LE2[i, 1 : e + 1]
             counts_LE1[i, e] = raw_LE2[i, 0] + raw_LE2[i, e + 1 :].sum()
         return WindowCounts(
             counts_LE1=counts_LE1,
-            stats_LS=packed_host[:, c:].astype(np.float64),
+            stats_LS=packed_host[:, c:s].astype(np.float64),
             tokens_L=tokens_L,
             prob_tokens_L=prob_tokens_L,
         )

@@ -43,6 +43,9 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moewatch.attach expects a torch.nn.Module, got {type(model).__name__}")
+    # A torch.compile'd module: attach to the module it wraps, so that names match the eager run (no
+    # `_orig_mod.` prefix). The new hooks change what dynamo guards on: the next call recompiles once.
+    model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     cfg = build_config(config, overrides)
     if process_group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:

@@ -74,8 +74,11 @@ class Monitor:
         self._manual_steps = False
         self._root_handle: Any = None
         self._root_forwards = 0
+        self._root_forward_compiled = False
         self._model_ref = weakref.ref(model)
 
+        for device in {p.device for s in specs for p in s.hook_module.parameters()}:
+            self._acc.prepare(device)
         for i, spec in enumerate(specs):
             self._handles.append(spec.hook_module.register_forward_hook(self._make_hook(i, spec)))
             child = spec.extra.get("logits_module")
@@ -140,11 +143,17 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        if self._root_forward_compiled and not self._manual_steps:
+            log.warning(
+                "moewatch: the model ran under torch.compile with no optimizer= and no watch.step(); compiled "
+                "forwards do not mark steps, so windows closed only at flush()/close(). Pass optimizer= to "
+                "moewatch.attach or call watch.step() after each optimizer step"
+            )
         try:
             self._finish_pending()
             # With a group, decide from step counts only: they agree across ranks, token counts may not,
             # and a rank that skipped the all_reduce would hang the others.
-            leftover = any(self._acc.tokens_L) and self._group is None
+            leftover = (any(self._acc.tokens_L) or self._acc.traced_calls) and self._group is None
             if self._step > self._window_start_step or leftover:
                 self._end_window(blocking=True)
         finally:
@@ -210,8 +219,17 @@ class Monitor:
         extract = spec.extract
         disabled = self._disabled
         set_grad_enabled, in_graph_task = torch._C._set_grad_enabled, torch._C._current_graph_task_id
+        is_compiling = torch.compiler.is_compiling
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if is_compiling():
+                # Traced into the compiled graph: no graph break, nothing that changes per call. A
+                # checkpoint re-run of a compiled region is recomputed by AOTAutograd without calling
+                # hooks, and one that dynamo leaves to eager runs the eager branch below, which skips it.
+                if (module.training or count_eval) and not disabled[i]:
+                    with torch.no_grad():
+                        acc.update(i, extract(module, args, output), top_k)
+                return
             # Called for every router call: keep it to a few attribute reads before the device work.
             # in_graph_task() != -1: activation checkpointing re-running this forward inside backward.
             if not (module.training or count_eval) or disabled[i] or in_graph_task() != -1:
@@ -242,6 +260,11 @@ class Monitor:
         return stash
 
     def _on_root_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():
+            # Step counting is host work that a compiled forward cannot trace without a graph break:
+            # compiled models take their steps from optimizer= or watch.step() (close() warns otherwise).
+            self._root_forward_compiled = True
+            return
         if module.training and not self._manual_steps and not _in_backward():
             if self._root_forwards:
                 self._advance()
