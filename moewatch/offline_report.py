@@ -28,9 +28,10 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moewatch.config import Thresholds
+if TYPE_CHECKING:  # pydantic-settings loads only when a report is built, not for `moewatch --help`
+    from moewatch.config import Thresholds
 
 __all__ = ["LayerSeries", "RunData", "load_run", "register", "render_html", "render_png", "render_text"]
 
@@ -150,6 +151,8 @@ def load_run(path: str | Path) -> RunData:
         last_run = lines[-1].get("run")
         log.warning("%s holds several runs; reporting the last one, %r", src, last_run)
         lines = [line for line in lines if line.get("run") == last_run]
+    from moewatch.config import Thresholds
+
     raw_t = lines[-1].get("thresholds")
     thresholds = Thresholds(**{k: v for k, v in raw_t.items() if k in Thresholds.model_fields}) if isinstance(
         raw_t, dict
