@@ -6,6 +6,7 @@
 
 from moewatch.adapters.base import RouterInfo, RouterOutput
 from moewatch.adapters.discovery import NoRouterFoundError
+from moewatch.adapters.failures import RouterReadWarning
 from moewatch.attach import attach
 from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
 from moewatch.monitor import AlreadyAttachedError, Monitor
@@ -23,6 +24,7 @@ __all__ = [
     "Monitor",
     "NoRouterFoundError",
     "RouterInfo",
+    "RouterReadWarning",
     "RouterOutput",
     "Sink",
     "Thresholds",

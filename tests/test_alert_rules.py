@@ -32,6 +32,7 @@ def test_every_alert_is_complete_and_in_the_runbook() -> None:
         "MoEWatchDeadExperts",
         "MoEWatchExporterAbsent",
         "MoEWatchTrainingStalled",
+        "MoEWatchHookErrors",
     }
     runbook = (ALERTS / "runbook.md").read_text()
     headings = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, re.M)}

@@ -37,6 +37,7 @@ class RuleOptions:
     dead_for: str = "10m"
     absent_for: str = "5m"
     stalled_for: str = "5m"
+    hook_errors_for: str = "1m"
     #: No window closed for ``stalled_factor`` x the last window's length, and for at least ``stalled_after``.
     stalled_factor: int = 3
     stalled_after: str = "10m"
@@ -52,6 +53,7 @@ class RuleOptions:
             dead_for=duration,
             absent_for=duration,
             stalled_for=duration,
+            hook_errors_for=duration,
         )
 
 
@@ -142,6 +144,16 @@ def alert_specs(opts: RuleOptions = RuleOptions()) -> list[AlertSpec]:
             + opts.stalled_for
             + " more: training is hung (a collective waiting on a dead rank, a stuck data loader) or in a "
             "long phase without optimizer steps (evaluation, checkpointing).",
+        ),
+        AlertSpec(
+            "MoEWatchHookErrors",
+            "moewatch_hook_errors_total > 0",
+            opts.hook_errors_for,
+            "warning",
+            "moewatch cannot read a router of run {{ $labels.run }}",
+            "{{ $value }} router hook(s) of run {{ $labels.run }} raised while reading the router's output; "
+            "each such router is skipped from then on, so its layer is not being watched. The training "
+            "log names the router and the error (a `RouterReadWarning`).",
         ),
     ]
 
@@ -260,6 +272,15 @@ def rules_test_document(
         ),
         _silent(specs["MoEWatchExporterAbsent"], [up(1)]),
         *_stalled_cases(specs["MoEWatchTrainingStalled"], rb, opts, {"run": "r1", **target}),
+        _case(
+            specs["MoEWatchHookErrors"], rb,
+            [{"series": _series("moewatch_hook_errors_total", {"run": "r1", **target}), "values": hold(2)}],
+            {"run": "r1", **target}, "2",
+        ),  # fmt: skip
+        _silent(
+            specs["MoEWatchHookErrors"],
+            [{"series": _series("moewatch_hook_errors_total", {"run": "r1", **target}), "values": hold(0)}],
+        ),
     ]
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
 
