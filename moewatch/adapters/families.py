@@ -192,6 +192,11 @@ def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cf
     linears = [m for m in module.children() if isinstance(m, nn.Linear)]
     if len(linears) != 1 or linears[0].out_features < 2:
         return None
+    # A router that states its E and whose only Linear has another width projects down first (Zaya's
+    # down_proj -> router MLP): that Linear's outputs are not logits over experts.
+    stated = find_int_attr([module], _E_NAMES)
+    if stated is not None and stated != linears[0].out_features:
+        return None
     k = find_int_attr([module, parent], _K_NAMES) or (cfg.top_k if cfg is not None else None)
     if k is None:
         return None
