@@ -253,7 +253,8 @@ def _read_megatron(spec: RouterSpec, recompute: bool):
         # (probs_TE zero outside the top-k, routing_map_TE bool, after any capacity drop): probs are no
         # distribution, so the probability vector comes from logits recomputed with the router's own weight
         # and bias. With a capacity factor, the choices before the drop are the top-k of those logits (one
-        # extra gating product per call), and the drop is what the routing map lost.
+        # extra gating product per call; input jitter is not reproduced), and the drop is what the routing
+        # map lost.
         _, routing_map = out
         bias = getattr(module, "bias", None)
         if pre_drop:
@@ -262,7 +263,7 @@ def _read_megatron(spec: RouterSpec, recompute: bool):
                 logits_TE = logits_fn()
                 dropped = routing_map.shape[0] * k - routing_map.sum()
                 return RouterOutput(
-                    indices_TK=_megatron_choices(module, logits_TE, k), logits_TE=logits_TE,
+                    indices_TK=_megatron_choices(module, logits_TE, k), logits_TE=logits_TE if recompute else None,
                     score_func=sf, dropped=dropped,
                 )
         logits_fn = _recomputed_logits(args, module.weight, bias) if recompute else None
