@@ -87,3 +87,11 @@ def test_first_call_failure_raises_in_strict_mode() -> None:
     with moewatch.attach(model, **quiet(strict=True)):
         with pytest.raises(TypeError, match="NewFangledRouter"):
             model(torch.randn(T, H))
+
+
+def test_warnings_as_errors_do_not_stop_training() -> None:
+    model = Model()
+    with moewatch.attach(model, **quiet(strict=False)) as watch, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(T, H)).backward()  # the RouterReadWarning raised as an error is swallowed
+        assert watch.hook_errors == 2

@@ -27,4 +27,7 @@ def report_router_failure(spec: RouterSpec, exc: BaseException) -> None:
         "returning a moewatch.RouterOutput; strict=True raises instead."
     )
     log.warning("%s", msg)
-    warnings.warn(msg, RouterReadWarning, stacklevel=2)
+    try:
+        warnings.warn(msg, RouterReadWarning, stacklevel=2)
+    except Warning:  # warnings turned into errors (-W error) must still not stop training
+        pass
