@@ -17,6 +17,7 @@ from moewatch._version import __version__
 if TYPE_CHECKING:
     from moewatch.adapters.base import RouterInfo, RouterOutput
     from moewatch.adapters.discovery import NoRouterFoundError
+    from moewatch.adapters.failures import RouterReadWarning
     from moewatch.attach import attach
     from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
     from moewatch.monitor import AlreadyAttachedError, Monitor
@@ -27,6 +28,7 @@ _LAZY = {
     "RouterInfo": "moewatch.adapters.base",
     "RouterOutput": "moewatch.adapters.base",
     "NoRouterFoundError": "moewatch.adapters.discovery",
+    "RouterReadWarning": "moewatch.adapters.failures",
     "attach": "moewatch.attach",
     "ConfigError": "moewatch.config",
     "MoEWatchConfig": "moewatch.config",
@@ -48,6 +50,7 @@ __all__ = [
     "Monitor",
     "NoRouterFoundError",
     "RouterInfo",
+    "RouterReadWarning",
     "RouterOutput",
     "Sink",
     "Thresholds",

@@ -14,6 +14,7 @@ from torch import nn
 
 from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
+from moewatch.adapters.failures import report_router_failure
 from moewatch.config import MoEWatchConfig
 from moewatch.flush import WindowFlusher
 from moewatch.report import WindowReport
@@ -243,10 +244,7 @@ class Monitor:
                     raise
                 self._disabled[i] = True
                 self.hook_errors += 1
-                log.warning(
-                    "moewatch: reading router %r (%s) failed and it is skipped from now on: %s: %s",
-                    spec.name, spec.family, type(exc).__name__, exc,
-                )
+                report_router_failure(spec, exc)
             finally:
                 set_grad_enabled(grad_was_enabled)
 

@@ -1,6 +1,5 @@
-"""Router discovery and exact counting for Megatron-Core, DeepSpeed, torchtitan and MegaBlocks
-(interface-faithful replicas in ``tests/frameworks``), plain ``nn.Linear`` gates, custom extractors,
-and the error paths.
+"""Router discovery and exact counting for plain ``nn.Linear`` gates and custom extractors, and the error
+paths (the real Megatron-Core, DeepSpeed, torchtitan and MegaBlocks classes: ``tests/test_real_*.py``).
 
 Legend: ``T`` tokens, ``E`` experts, ``K`` top-k, ``H`` hidden size.
 """
@@ -10,13 +9,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from frameworks import deepspeed, megablocks, megatron, torchtitan
 from frameworks.guards import no_host_sync_in_hooks
 from torch import nn
 
@@ -93,226 +90,12 @@ def _norm_entropy(probs_TE: torch.Tensor) -> float:
     return float(-(p * p.log()).sum() / math.log(p.numel()))
 
 
-def _probs(logits_TE: torch.Tensor, score_func: str) -> torch.Tensor:
-    if score_func == "sigmoid":
-        s = logits_TE.sigmoid()
-        return s / s.sum(dim=-1, keepdim=True)
-    return logits_TE.softmax(dim=-1)
-
-
 # --- Megatron-Core -------------------------------------------------------------------------------------
 
 
-def _megatron_logits(module: nn.Module, args: tuple[Any, ...], out: Any) -> torch.Tensor:
-    return F.linear(args[0].reshape(-1, H), module.weight)
-
-
-@pytest.mark.parametrize(
-    ("score_function", "capacity_factor"), [("softmax", None), ("sigmoid", None), ("softmax", 1.0)]
-)
-def test_megatron_topk_router(score_function: str, capacity_factor: float | None) -> None:
-    torch.manual_seed(0)
-    cfg = megatron.TransformerConfig(
-        hidden_size=H,
-        num_moe_experts=6,
-        moe_router_topk=2,
-        moe_router_score_function=score_function,
-        moe_router_enable_expert_bias=score_function == "sigmoid",
-        moe_expert_capacity_factor=capacity_factor,
-    )
-    model = Stack([megatron.MoELayer(cfg) for _ in range(2)])
-    if score_function == "sigmoid":
-        model.layers[0].router.expert_bias[3] = 5.0  # biased selection: not a plain top-k of the scores
-    routers = [layer.router for layer in model.layers]
-    ref = Recorder(routers, 6, lambda out: out[1].nonzero()[:, 1], _megatron_logits)
-    watch = _attach(model)
-    report = _run(model, watch)
-    watch.close()
-    ref.remove()
-    assert [(r.module, r.family, r.num_experts, r.top_k, r.score_func) for r in watch.routers] == [
-        (f"layers.{i}.router", "megatron", 6, 2, score_function) for i in range(2)
-    ]
-    assert [layer.loads for layer in report.layers] == ref.loads()
-    if score_function == "sigmoid":
-        assert ref.loads()[0][3] == 3 * TOKENS  # the bias really steered every token to expert 3
-    if capacity_factor is not None:
-        assert sum(ref.loads()[0]) < 3 * TOKENS * 2  # capacity dropped assignments; the map reflects it
-    for i, layer in enumerate(report.layers):
-        assert layer.tokens == 3 * TOKENS
-        probs = _probs(torch.cat(ref.logits[i]), score_function)
-        assert layer.entropy_source == "probs"
-        assert layer.norm_entropy == pytest.approx(_norm_entropy(probs), abs=2e-6)
-
-
-# --- DeepSpeed -----------------------------------------------------------------------------------------
-
-
-def _deepspeed_model(k: int, **gate_kw: Any) -> Stack:
-    torch.manual_seed(0)
-    layers = []
-    for _ in range(2):
-        gate = deepspeed.TopKGate(H, 4, k=k, capacity_factor=1.0, min_capacity=2, **gate_kw)
-        nn.init.normal_(gate.wg.weight, std=0.5)
-        layers.append(deepspeed.MOELayer(gate, deepspeed.Experts(H, 4), "ep_size_1", 1, num_local_experts=4))
-    return Stack(layers)
-
-
-@pytest.mark.parametrize(
-    ("k", "gate_kw"),
-    [(1, {"noisy_gate_policy": "RSample"}), (2, {}), (3, {}), (2, {"top2_2nd_expert_sampling": False})],
-    ids=["top1-rsample", "top2-gumbel", "top3", "top2-plain"],
-)
-def test_deepspeed_topk_gate(k: int, gate_kw: dict[str, Any]) -> None:
-    model = _deepspeed_model(k, **gate_kw)
-    gates = [layer.gate for layer in model.layers]
-    ref_counts = [torch.zeros(4, dtype=torch.int64) for _ in gates]
-    dispatched = [0, 0]
-    logits: list[list[torch.Tensor]] = [[], []]
-
-    def record(i: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            ref_counts[i] += out[3]
-            dispatched[i] += int(out[2].sum())
-            logits[i].append(F.linear(args[0].double(), module.wg.weight.double()).detach())
-
-        return hook
-
-    handles = [g.register_forward_hook(record(i)) for i, g in enumerate(gates)]
-    watch = _attach(model)
-    assert [(r.module, r.family, r.num_experts, r.top_k) for r in watch.routers] == [
-        (f"layers.{i}.gate", "deepspeed", 4, k) for i in range(2)
-    ]
-    layer_counts = [torch.zeros(4, dtype=torch.int64) for _ in gates]
-    for seed in range(3):
-        model(_x(seed))
-        for i, layer in enumerate(model.layers):
-            layer_counts[i] += layer.exp_counts  # what MOELayer itself kept of this call
-    report = watch.flush()
-    watch.close()
-    for h in handles:
-        h.remove()
-    assert [layer.loads for layer in report.layers] == [c.tolist() for c in layer_counts]
-    assert [c.tolist() for c in ref_counts] == [c.tolist() for c in layer_counts]
-    assert sum(dispatched) < 2 * 3 * TOKENS * k, "capacity must drop something for the dropped check below"
-    for i, layer in enumerate(report.layers):
-        assert layer.tokens == 3 * TOKENS and layer.assignments == 3 * TOKENS * k
-        total = layer.assignments
-        expected = pytest.approx((total - dispatched[i]) / total, abs=1e-6) if total > dispatched[i] else None
-        assert layer.dropped_ratio == expected
-        assert layer.norm_entropy == pytest.approx(_norm_entropy(torch.cat(logits[i]).softmax(-1)), abs=2e-6)
-    if not gate_kw.get("top2_2nd_expert_sampling", True) or k == 3:
-        # Deterministic gating: the counts are the top-k of the logits.
-        top = [
-            torch.bincount(torch.cat(lg).topk(k, dim=-1).indices.reshape(-1), minlength=4) for lg in logits
-        ]
-        assert [layer.loads for layer in report.layers] == [t.tolist() for t in top]
-
-
-def test_deepspeed_wg_is_not_hooked_on_its_own() -> None:
-    """TopKGate computes F.linear(input, wg.weight): a hook on ``wg`` would never fire."""
-    model = _deepspeed_model(2)
-    fired = []
-    model.layers[0].gate.wg.register_forward_hook(lambda *a: fired.append(1))
-    with _attach(model) as watch:
-        report = _run(model, watch, steps=1)
-    assert not fired
-    assert report.layers[0].assignments == TOKENS * 2
-
-
-# --- torchtitan ----------------------------------------------------------------------------------------
-
-
-def _torchtitan_model(score_func: str, top_k: int = 2) -> Stack:
-    torch.manual_seed(0)
-    args = torchtitan.MoEArgs(num_experts=8, score_func=score_func, top_k=top_k, route_norm=True)
-    model = Stack([torchtitan.MoE(args, dim=H, hidden_dim=8) for _ in range(2)])
-    for layer in model.layers:
-        nn.init.normal_(layer.router.gate.weight, std=0.5)
-    return model
-
-
-@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
-def test_torchtitan_token_choice_router(score_func: str) -> None:
-    model = _torchtitan_model(score_func)
-    # Aux-loss-free balancing bias: the selection differs from a top-k of the scores.
-    model.layers[1].expert_bias[5] = 10.0
-    routers = [layer.router for layer in model.layers]
-    ref = Recorder(routers, 8, lambda out: out[1], lambda m, a, o: m.gate(a[0]))
-    watch = _attach(model)
-    report = _run(model, watch)
-    watch.close()
-    ref.remove()
-    assert [(r.module, r.family, r.num_experts, r.top_k, r.score_func) for r in watch.routers] == [
-        (f"layers.{i}.router", "torchtitan", 8, 2, score_func) for i in range(2)
-    ]
-    assert [layer.loads for layer in report.layers] == ref.loads()
-    assert ref.loads()[1][5] == 3 * TOKENS
-    for i, layer in enumerate(report.layers):
-        assert layer.norm_entropy == pytest.approx(
-            _norm_entropy(_probs(torch.cat(ref.logits[i]), score_func)), abs=2e-6
-        )
-    # torchtitan's own per-expert counter agrees as well
-    assert model.layers[0].tokens_per_expert.long().tolist() == report.layers[0].loads
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_torchtitan_under_activation_checkpointing(use_reentrant: bool) -> None:
-    model = _torchtitan_model("sigmoid")
-    calls = []
-    model.layers[0].router.register_forward_hook(lambda *a: calls.append(1))
-    ref = Recorder([layer.router for layer in model.layers], 8, lambda out: out[1])
-    watch = _attach(model)
-    for seed in range(2):
-        x = _x(seed).requires_grad_(use_reentrant)
-        h = x
-        for layer in model.layers:
-            h = h + torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=use_reentrant)
-        n_forward = len(calls)
-        ref_before = ref.loads()
-        h.pow(2).mean().backward()
-        assert len(calls) == n_forward + 1  # the router ran again during backward
-        ref.counts = [torch.tensor(c) for c in ref_before]  # the reference keeps forward calls only
-    report = watch.flush()
-    watch.close()
-    ref.remove()
-    assert [layer.loads for layer in report.layers] == ref.loads()
-    assert all(layer.tokens == 2 * TOKENS for layer in report.layers)
-
-
-# --- MegaBlocks ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_megablocks_learned_router(top_k: int) -> None:
-    torch.manual_seed(0)
-    args = megablocks.Arguments(
-        hidden_size=H, moe_num_experts=4, moe_top_k=top_k, moe_normalize_expert_weights=1.0
-    )
-    model = Stack([megablocks.MoE(args) for _ in range(2)])
-    ref = Recorder([layer.router for layer in model.layers], 4, lambda out: out[2], lambda m, a, o: o[0])
-    watch = _attach(model)
-    report = _run(model, watch)
-    watch.close()
-    ref.remove()
-    assert [(r.module, r.family, r.num_experts, r.top_k) for r in watch.routers] == [
-        (f"layers.{i}.router", "megablocks", 4, top_k) for i in range(2)
-    ]
-    assert [layer.loads for layer in report.layers] == ref.loads()
-    for i, layer in enumerate(report.layers):
-        assert layer.tokens == 3 * TOKENS
-        assert layer.norm_entropy == pytest.approx(_norm_entropy(torch.cat(ref.logits[i])), abs=2e-6)
-
-
-def test_megablocks_nonfinite_scores_are_counted() -> None:
-    torch.manual_seed(0)
-    model = Stack([megablocks.MoE(megablocks.Arguments(hidden_size=H, moe_top_k=2))])
-    x = _x(0)
-    x[0, 3] = float("nan")
-    with _attach(model) as watch:
-        model.layers[0].router(x)
-        report = watch.flush()
-    assert report.layers[0].nonfinite == 1
-    assert report.layers[0].tokens == TOKENS
+# --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks --------------------------------------------------
+# The real classes: tests/test_real_megatron.py, test_real_deepspeed.py, test_real_torchtitan.py,
+# test_real_megablocks.py, and their hot-path checks in test_real_hot_path.py.
 
 
 # --- plain nn.Linear gates and custom extractors -------------------------------------------------------
@@ -627,29 +410,6 @@ def test_score_function_is_read_from_structure(
 # --- hot path ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "build",
-    [
-        lambda: Stack([megatron.MoELayer(megatron.TransformerConfig(hidden_size=H, num_moe_experts=4))]),
-        lambda: _deepspeed_model(2),
-        lambda: _deepspeed_model(1, noisy_gate_policy="RSample"),
-        lambda: _torchtitan_model("sigmoid"),
-        lambda: Stack([megablocks.MoE(megablocks.Arguments(hidden_size=H, moe_top_k=2))]),
-    ],
-    ids=["megatron", "deepspeed-top2", "deepspeed-top1", "torchtitan", "megablocks"],
-)
-def test_hooks_never_synchronise_with_the_device(
-    build: Callable[[], nn.Module], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model = build()
-    with no_host_sync_in_hooks(monkeypatch):
-        watch = _attach(model)
-    model(_x(0))
-    report = watch.flush()
-    watch.close()
-    assert all(layer.tokens == TOKENS for layer in report.layers)
-
-
 def test_sync_guard_catches_a_syncing_extractor(monkeypatch: pytest.MonkeyPatch) -> None:
     def syncing(module: nn.Module, args: tuple[Any, ...], out: Any) -> moewatch.RouterOutput:
         if out["choice"].max() > 99:  # a Python `if` on a device value
@@ -662,39 +422,4 @@ def test_sync_guard_catches_a_syncing_extractor(monkeypatch: pytest.MonkeyPatch)
         watch = _attach(model, routers=["layers.0.router"], extractor=syncing, num_experts=6, top_k=2)
     with pytest.raises(AssertionError, match="__bool__"):
         model(_x(0))
-    watch.close()
-
-
-def test_logits_are_recomputed_only_on_the_calls_that_sample_probabilities(monkeypatch: pytest.MonkeyPatch) -> None:
-    from moewatch.adapters import families
-
-    recomputes = []
-
-    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        recomputes.append(x.shape[0])
-        return F.linear(x, w)
-
-    monkeypatch.setattr(families, "F", SimpleNamespace(linear=linear))
-    cfg = megatron.TransformerConfig(hidden_size=H, num_moe_experts=6, moe_router_topk=2)
-    for model in (Stack([megatron.MoELayer(cfg)]), _deepspeed_model(2)):
-        recomputes.clear()
-        watch = _attach(model, probs_every=4)
-        layer = _run(model, watch, steps=9).layers[0]  # calls 0, 4 and 8 sample
-        watch.close()
-        assert recomputes == [TOKENS] * 3 * len(model.layers)
-        assert layer.assignments == 9 * TOKENS * 2 and layer.entropy_source == "probs"
-
-
-def test_logit_recompute_can_be_switched_off() -> None:
-    cfg = megatron.TransformerConfig(hidden_size=H, num_moe_experts=6, moe_router_topk=2)
-    model = Stack([megatron.MoELayer(cfg)])
-    watch = _attach(model, recompute_logits=False)
-    report = _run(model, watch)
-    watch.close()
-    layer = report.layers[0]
-    assert layer.assignments == 3 * TOKENS * 2  # counting is unaffected
-    assert layer.entropy_source == "loads" and layer.z_loss is None
-    ds = _deepspeed_model(2)
-    watch = _attach(ds, recompute_logits=False)
-    assert _run(ds, watch).layers[0].entropy_source == "loads"
     watch.close()

@@ -289,6 +289,29 @@ CASES: dict[str, Case] = {
         2,
         score_func="sigmoid",
     ),
+    # JetMoe: a 5-tuple (sorted ids, batch index, gates, expert sizes, logits), MoE and attention routers.
+    "jetmoe": Case(
+        _causal(
+            "JetMoeConfig", "JetMoeForCausalLM", num_local_experts=4, num_experts_per_tok=2, kv_channels=8,
+            num_key_value_heads=2,
+        ),
+        [n for i in range(2) for n in (f"model.layers.{i}.mlp.router", f"model.layers.{i}.self_attention.experts.router")],
+        4,
+        2,
+        output="jetmoe",
+    ),
+    # Inkling: weight [E + shared, H], 4-tuple output (routed logits, weights, indices, shared gammas).
+    "inkling": Case(
+        _causal(
+            "InklingTextConfig", "InklingForCausalLM", head_dim=16, swa_num_attention_heads=2,
+            swa_num_key_value_heads=1, swa_head_dim=16, sliding_window_size=8, n_routed_experts=4,
+            n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
+        ),
+        _names("model.layers.{}.mlp.gate"),
+        4,
+        2,
+        score_func="sigmoid",
+    ),
     "nllb_moe": Case(
         _nllb,
         _names("model.encoder.layers.{}.ffn.router") + _names("model.decoder.layers.{}.ffn.router"),
@@ -329,6 +352,8 @@ def _chosen_TK(case: Case, out: Any) -> torch.Tensor:
         return out[2]
     if case.output == "llama4":
         return torch.topk(out[1], case.top_k, dim=-1).indices
+    if case.output == "jetmoe":
+        return _jetmoe_ids(out)
     if case.output == "logits":
         return torch.topk(out, case.top_k, dim=-1).indices
     if case.output == "nllb":  # combine weights after capacity; the second expert may be sampled
@@ -337,11 +362,19 @@ def _chosen_TK(case: Case, out: Any) -> torch.Tensor:
     return out[2].argmax(dim=-1, keepdim=True)
 
 
+def _jetmoe_ids(out: Any) -> torch.Tensor:
+    """JetMoe's own expert_size list (computed from its top-k) expanded to expert ids: the counts it
+    dispatched, read without a top-k of ours."""
+    sizes = torch.tensor(out[3], dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
+
+
 def _logits_TE(case: Case, out: Any) -> torch.Tensor:
     return {
         "indices": lambda: out[0],
         "probs": lambda: out[0],  # Gemma4 returns probabilities, no logits
         "llama4": lambda: out[1],
+        "jetmoe": lambda: out[4],
         "logits": lambda: out,
         "switch": lambda: out[2],
         "nllb": lambda: out[2],
@@ -548,7 +581,7 @@ def _norm_entropy(probs_TE: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "name", ["mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "llama4", "dbrx", "gemma4"]
+    "name", ["mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "llama4", "dbrx", "gemma4", "jetmoe", "inkling"]
 )
 def test_norm_entropy_from_router_probabilities(name: str) -> None:
     case, model = _build(name)

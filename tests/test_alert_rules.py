@@ -33,6 +33,7 @@ def test_every_alert_is_complete_and_in_the_runbook() -> None:
         "MoEWatchExporterAbsent",
         "MoEWatchTrainingStalled",
         "MoEWatchProjectedCollapse",
+        "MoEWatchHookErrors",
     }
     runbook = (ALERTS / "runbook.md").read_text()
     headings = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, re.M)}

@@ -3,5 +3,6 @@ into a :class:`RouterOutput` for the accumulator. Families are recognised by str
 
 from moewatch.adapters.base import RouterInfo, RouterOutput, RouterSpec, ScoreFunc
 from moewatch.adapters.discovery import NoRouterFoundError, discover_routers
+from moewatch.adapters.failures import RouterReadWarning
 
-__all__ = ["NoRouterFoundError", "RouterInfo", "RouterOutput", "RouterSpec", "ScoreFunc", "discover_routers"]
+__all__ = ["NoRouterFoundError", "RouterInfo", "RouterOutput", "RouterReadWarning", "RouterSpec", "ScoreFunc", "discover_routers"]

@@ -86,21 +86,38 @@ def _read_hf(spec: RouterSpec):
     probs_first = _first_output_is_probs(type(spec.module))
 
     def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
-        if isinstance(out, tuple) and len(out) == 3 and not out[2].is_floating_point():
+        if (
+            isinstance(out, tuple)
+            and len(out) in (3, 4)
+            and isinstance(out[2], torch.Tensor)
+            and not out[2].is_floating_point()
+        ):
             # (router_logits_TE, top_scores_TK, top_indices_TK): Mixtral, Qwen*-MoE, OLMoE, DeepSeek-V3, ...
+            # Inkling adds a 4th output (shared-expert gammas); its logits are the routed experts' only.
             if probs_first:
                 return RouterOutput(indices_TK=out[2], probs_TE=out[0])
             return RouterOutput(indices_TK=out[2], logits_TE=out[0], score_func=sf)
+        if isinstance(out, tuple) and len(out) == 5 and isinstance(out[4], torch.Tensor):
+            # JetMoe: (index_sorted_experts, batch_index, batch_gates, expert_size, logits_TE); its choice is
+            # logits.topk(k), which a top-k of the same logits reproduces exactly.
+            logits = out[4]
+            return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func=sf)
         if isinstance(out, tuple) and len(out) == 2:
             # Llama4: (router_scores_TE, router_logits_TE), sigmoid of the top-k logits.
             logits = out[1]
             return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func=sf)
         raise TypeError(
-            f"unrecognised output of {type(module).__name__}: expected (logits, scores, indices) or "
-            f"(scores, logits), got {type(out).__name__}"
+            f"unrecognised output of {type(module).__name__}: expected (logits, scores, indices[, shared]), "
+            f"(scores, logits) or JetMoe's 5-tuple, got {_describe(out)}"
         )
 
     return read
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, tuple):
+        return f"a {len(out)}-tuple of ({', '.join(type(o).__name__ for o in out)})"
+    return type(out).__name__
 
 
 def _gating_experts(module: nn.Module) -> int | None:
@@ -119,7 +136,11 @@ def match_hf_topk(name: str, module: nn.Module, parent: nn.Module | None, cfg: A
         return None
     e = find_int_attr([module], _E_NAMES[:2])
     k = find_int_attr([module], ("top_k", "num_experts_per_tok", "top_k_experts"))
-    if e is None or k is None or _gating_experts(module) != e or e < 2:
+    if e is None or k is None or e < 2:
+        return None
+    # Inkling's weight is [E + shared, H]: the shared experts' gammas come from the same projection.
+    shared = find_int_attr([module], ("n_shared_experts",)) or 0
+    if _gating_experts(module) not in (e, e + shared):
         return None
     spec = RouterSpec(name, module, module, "transformers", e, k, _noop, score_func=_score_func(module))
     spec.extract = _read_hf(spec)
@@ -171,6 +192,11 @@ def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cf
     linears = [m for m in module.children() if isinstance(m, nn.Linear)]
     if len(linears) != 1 or linears[0].out_features < 2:
         return None
+    # A router that states its E and whose only Linear has another width projects down first (Zaya's
+    # down_proj -> router MLP): that Linear's outputs are not logits over experts.
+    stated = find_int_attr([module], _E_NAMES)
+    if stated is not None and stated != linears[0].out_features:
+        return None
     k = find_int_attr([module, parent], _K_NAMES) or (cfg.top_k if cfg is not None else None)
     if k is None:
         return None
@@ -182,16 +208,19 @@ def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cf
 # --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks -----------------------------------------
 
 
-def _recomputed_logits(args: tuple[Any, ...], weight: torch.Tensor) -> Callable[[], torch.Tensor] | None:
+def _recomputed_logits(
+    args: tuple[Any, ...], weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> Callable[[], torch.Tensor] | None:
     """Router logits for routers that return none, as a ``RouterOutput.logits_fn``: one extra [T, H] x [H, E]
-    product, the size of the gating itself, on the calls that sample the probabilities only (input jitter,
-    if any, is not reproduced)."""
+    product (plus the router's own bias, if it has one), the size of the gating itself, on the calls that
+    sample the probabilities only (input jitter, if any, is not reproduced)."""
     if not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0].detach()
 
     def logits() -> torch.Tensor:
-        return F.linear(x.reshape(-1, x.shape[-1]), weight.detach().to(x.dtype))
+        b = bias.detach().to(x.dtype) if isinstance(bias, torch.Tensor) else None
+        return F.linear(x.reshape(-1, x.shape[-1]), weight.detach().to(x.dtype), b)
 
     return logits
 
@@ -200,15 +229,46 @@ def _recompute(cfg: Any) -> bool:
     return bool(getattr(cfg, "recompute_logits", True))
 
 
+def _megatron_choices(module: nn.Module, logits_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Megatron's top-k before capacity, from the recomputed logits (``topk_routing_with_score_function``
+    without groups): softmax is monotone, so the top-k of the logits; sigmoid: of the scores plus the
+    expert bias, when the router has one."""
+    scores_TE = logits_TE
+    if getattr(module, "score_function", "softmax") == "sigmoid":
+        scores_TE = torch.sigmoid(logits_TE.float())
+        bias_E = getattr(module, "expert_bias", None)
+        if isinstance(bias_E, torch.Tensor):
+            scores_TE = scores_TE + bias_E.detach().to(scores_TE.dtype)
+    return _topk_indices(scores_TE, k)
+
+
 def _read_megatron(spec: RouterSpec, recompute: bool):
-    sf = spec.score_func
+    sf, k = spec.score_func, spec.top_k
+    mcfg = spec.module.config
+    capacity = getattr(mcfg, "moe_expert_capacity_factor", None) is not None
+    # Group-limited routing (DeepSeek-V3 style) is not reproduced: with groups, counts stay post-drop.
+    pre_drop = capacity and not getattr(mcfg, "moe_router_num_groups", None)
 
     def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
-        # (probs_TE zero outside the top-k, routing_map_TE bool): probs are no distribution, so the
-        # probability vector comes from logits recomputed with the router's own weight.
+        # (probs_TE zero outside the top-k, routing_map_TE bool, after any capacity drop): probs are no
+        # distribution, so the probability vector comes from logits recomputed with the router's own weight
+        # and bias. With a capacity factor, the choices before the drop are the top-k of those logits (one
+        # extra gating product per call; input jitter is not reproduced), and the drop is what the routing
+        # map lost.
         _, routing_map = out
-        logits_fn = _recomputed_logits(args, module.weight) if recompute else None
-        return RouterOutput(routing_map_TE=routing_map, logits_fn=logits_fn, score_func=sf)
+        bias = getattr(module, "bias", None)
+        if pre_drop:
+            logits_fn = _recomputed_logits(args, module.weight, bias)
+            if logits_fn is not None:
+                logits_TE = logits_fn()
+                dropped = routing_map.shape[0] * k - routing_map.sum()
+                return RouterOutput(
+                    indices_TK=_megatron_choices(module, logits_TE, k), logits_TE=logits_TE if recompute else None,
+                    score_func=sf, dropped=dropped,
+                )
+        logits_fn = _recomputed_logits(args, module.weight, bias) if recompute else None
+        dropped = routing_map.shape[0] * k - routing_map.sum() if capacity else None
+        return RouterOutput(routing_map_TE=routing_map, logits_fn=logits_fn, score_func=sf, dropped=dropped)
 
     return read
 
@@ -235,7 +295,14 @@ def _read_deepspeed(recompute: bool):
         # would not reproduce them. TopKGate calls F.linear on wg.weight, so wg's own hooks never fire.
         counts_E = out[-1]
         x = args[0]
-        dropped = counts_E.sum() - out[2].sum() if len(out) == 4 else None
+        # Dropped: the 4-tuple's dispatch mask holds the kept assignments; the sparse-routes 7-tuple that
+        # DeepSpeed's own MOELayer asks for flags each dropped route with expert index -1.
+        if len(out) == 4:
+            dropped = counts_E.sum() - out[2].sum()
+        elif len(out) == 7 and isinstance(out[3], torch.Tensor):
+            dropped = (out[3] < 0).sum()
+        else:
+            dropped = None
         logits_fn = _recomputed_logits(args, module.wg.weight) if recompute else None
         return RouterOutput(
             counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_fn=logits_fn, dropped=dropped

@@ -40,6 +40,7 @@ class RuleOptions:
     projected_for: str = "2m"
     #: MoEWatchProjectedCollapse fires when the projected collapse is at most this many steps ahead.
     projected_horizon_steps: int = 500
+    hook_errors_for: str = "1m"
     #: No window closed for ``stalled_factor`` x the last window's length, and for at least ``stalled_after``.
     stalled_factor: int = 3
     stalled_after: str = "10m"
@@ -56,6 +57,7 @@ class RuleOptions:
             absent_for=duration,
             stalled_for=duration,
             projected_for=duration,
+            hook_errors_for=duration,
         )
 
 
@@ -158,6 +160,16 @@ def alert_specs(opts: RuleOptions = RuleOptions()) -> list[AlertSpec]:
             + _WHERE
             + " are climbing toward the collapsed thresholds on an exponential trend; at this rate the "
             "layer collapses in about {{ $value }} optimizer steps. Act now, while no expert is dead yet.",
+        ),
+        AlertSpec(
+            "MoEWatchHookErrors",
+            "moewatch_hook_errors_total > 0",
+            opts.hook_errors_for,
+            "warning",
+            "moewatch cannot read a router of run {{ $labels.run }}",
+            "{{ $value }} router hook(s) of run {{ $labels.run }} raised while reading the router's output; "
+            "each such router is skipped from then on, so its layer is not being watched. The training "
+            "log names the router and the error (a `RouterReadWarning`).",
         ),
     ]
 
@@ -277,6 +289,15 @@ def rules_test_document(
         _silent(specs["MoEWatchExporterAbsent"], [up(1)]),
         *_stalled_cases(specs["MoEWatchTrainingStalled"], rb, opts, {"run": "r1", **target}),
         *_projected_cases(specs["MoEWatchProjectedCollapse"], rb, opts, lab, {"run": "r1", **target}),
+        _case(
+            specs["MoEWatchHookErrors"], rb,
+            [{"series": _series("moewatch_hook_errors_total", {"run": "r1", **target}), "values": hold(2)}],
+            {"run": "r1", **target}, "2",
+        ),  # fmt: skip
+        _silent(
+            specs["MoEWatchHookErrors"],
+            [{"series": _series("moewatch_hook_errors_total", {"run": "r1", **target}), "values": hold(0)}],
+        ),
     ]
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
 
