@@ -186,6 +186,53 @@ def _hook_time_per_step(w: Workload, watch: moewatch.Monitor, steps: int, offset
     return spent[0] / steps * 1e6
 
 
+class FloorCounter:
+    """The cheapest exact, crash-safe count there is, the floor moewatch's hooks are measured against: one
+    forward hook per router that reads the indices through the same adapter (``spec.extract``), then one
+    ``bucketize`` (invalid ids to edge columns) and one ``index_add_`` into a device buffer. Nothing else: no
+    eval/checkpoint checks, no error handling, no probabilities, no window ends."""
+
+    def __init__(self, specs: list[Any]) -> None:
+        self.handles = []
+        for spec in specs:
+            e = spec.num_experts
+            device = next(spec.hook_module.parameters()).device
+            counts = torch.zeros(e + 2, dtype=torch.int64, device=device)
+            edges = torch.arange(e + 1, device=device)
+            one = torch.ones((), dtype=torch.int64, device=device)
+
+            def hook(module: Any, args: Any, output: Any, spec: Any = spec, counts: Any = counts,
+                     edges: Any = edges, one: Any = one) -> None:
+                with torch.no_grad():
+                    idx = spec.extract(module, args, output).indices_TK
+                    cols = torch.bucketize(idx, edges, right=True).view(-1)
+                    counts.index_add_(0, cols, one.expand(cols.shape[0]))
+
+            self.handles.append(spec.hook_module.register_forward_hook(hook))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _timed_hooks_per_step(w: Workload, specs: list[Any], steps: int, offset: int) -> float:
+    """Thread time inside the forward hooks registered between two timing hooks on every router, per step
+    (µs); the same measurement as moewatch's in-hook time, for the floor counter."""
+    spent, t_start, handles = [0.0], [0.0], []
+    for spec in specs:
+        handles.append(spec.hook_module.register_forward_hook(
+            lambda *_: t_start.__setitem__(0, time.thread_time()), prepend=True))
+        handles.append(spec.hook_module.register_forward_hook(
+            lambda *_: spent.__setitem__(0, spent[0] + time.thread_time() - t_start[0])))
+    try:
+        for i in range(steps):
+            w.step(offset + i)
+    finally:
+        for h in handles:
+            h.remove()
+    return spent[0] / steps * 1e6
+
+
 #: Per-model defaults: (window_steps, blocks per variant, warm-up steps). A block is one window long, so every
 #: monitored block holds exactly one window end (its last step).
 DEFAULTS = {"demo": (100, 30, 100), "qwen3moe": (10, 30, 10), "moe64": (2, 6, 1)}
@@ -273,7 +320,21 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     w.step(0)
     if peaks:
         peaks["moewatch"] = _peak_extra_bytes(lambda: w.step(0), device)
-    hook_us = _hook_time_per_step(w, watch, max(2, min(50, 3 * window_steps)), counter[0])
+    n_hook_steps = max(2, min(50, 3 * window_steps))
+    specs = [s for s in watch._specs if s.family not in ("megatron", "deepspeed")]  # indices-based routers
+    # moewatch and the floor alternate in rounds, so drift hits both alike; the medians are compared.
+    hook_rounds: dict[str, list[float]] = {"moewatch": [], "floor": []}
+    for _ in range(3):
+        hook_rounds["moewatch"].append(_hook_time_per_step(w, watch, n_hook_steps, counter[0]))
+        watch.close()
+        floor = FloorCounter(specs)
+        w.step(0)
+        hook_rounds["floor"].append(_timed_hooks_per_step(w, specs, n_hook_steps, counter[0]))
+        floor.close()
+        watch = attach()
+        w.step(0)
+    hook_us = statistics.median(hook_rounds["moewatch"])
+    floor_us = statistics.median(hook_rounds["floor"])
     state = watch._acc.state_bytes()
     watch.close()
     watch = attach(window=10**9)
@@ -303,7 +364,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         window_steps=window_steps,
         window_ends=window_ends,
         sync_check=sync_check,
-        extra={"transient_bytes_per_router_call": transient, "blocks": blocks, "steps_per_block": steps_per_block, "warmup": warmup},
+        extra={"floor_hook_us_per_step": floor_us, "hook_vs_floor": hook_us / floor_us,
+               "transient_bytes_per_router_call": transient, "blocks": blocks, "steps_per_block": steps_per_block, "warmup": warmup},
     )
 
 
@@ -414,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({r.hook_us_per_step / (r.step_ms['plain'] * 1e3) * 100:.2f}% of a plain step), "
               f"{r.ops_count_call} aten ops per router call, {r.ops_sampled_call} on the calls that sample the "
               f"probabilities (probs_every {r.probs_every}): {r.ops_per_router_call:.2f} on average")
+        print(f"   floor counter (bucketize + index_add_ only): {r.extra['floor_hook_us_per_step']:.1f} us/step "
+              f"in its hooks; moewatch / floor in-hook: {r.extra['hook_vs_floor']:.2f}x")
         mem = (f"peak step memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
                f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; " if r.peak_extra_bytes else "")
         print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts)), temporaries "
@@ -422,8 +486,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   window_steps {r.window_steps}, {r.extra['blocks']} blocks x {r.extra['steps_per_block']} steps per "
               f"variant; syncs: {r.sync_check}")
     print("\n| model | window | plain ms/step | moewatch / plain, median [IQR] (95% CI) | naive / plain | "
-          "in-hook us/step | ops per router call (+ on sampled calls) | monitor memory |")
-    print("|---|---|---|---|---|---|---|---|")
+          "in-hook us/step | floor in-hook us/step (moewatch / floor) | ops per router call (+ on sampled calls) | "
+          "monitor memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m, nv = r.ratio["moewatch/plain"], r.ratio["naive/plain"]
         mem = f"{r.monitor_state_bytes} B buffers + {r.extra['transient_bytes_per_router_call'] / 1024:.1f} KiB/call"
@@ -431,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             mem += f"; peak +{r.peak_extra_bytes['moewatch'] / 1024:.0f} KiB"
         print(f"| {r.model} | {r.window_steps} | {r.step_ms['plain']:.2f} | {m.median:.4f} [{m.q1:.4f}-{m.q3:.4f}] "
               f"({m.ci_lo:.4f}-{m.ci_hi:.4f}) | {nv.median:.3f} [{nv.q1:.3f}-{nv.q3:.3f}] | "
-              f"{r.hook_us_per_step:.0f} | {r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every "
+              f"{r.hook_us_per_step:.0f} | {r.extra['floor_hook_us_per_step']:.0f} ({r.extra['hook_vs_floor']:.2f}x) | "
+              f"{r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every "
               f"{r.probs_every}) | {mem} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -37,6 +37,8 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
         assert r["probs_every"] == 8  # moewatch's default
         assert r["ops_count_call"] == 2 and 2 < r["ops_sampled_call"] <= 16
         assert r["ops_per_router_call"] == 2 + (r["ops_sampled_call"] - 2) / 8
+        assert r["extra"]["floor_hook_us_per_step"] > 0  # the floor counter's hooks ran and were timed
+        assert r["extra"]["hook_vs_floor"] == r["hook_us_per_step"] / r["extra"]["floor_hook_us_per_step"]
 
 
 def test_scale_runs_tiny() -> None:
