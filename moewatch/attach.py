@@ -10,7 +10,7 @@ from torch import nn
 
 from moewatch.adapters.discovery import discover_routers
 from moewatch.config import ConfigError, MoEWatchConfig, build_config
-from moewatch.monitor import Monitor
+from moewatch.monitor import Monitor, check_not_attached
 from moewatch.sinks import build_sinks
 from moewatch.sinks.base import Sink
 
@@ -46,6 +46,7 @@ def attach(
     # A torch.compile'd module: attach to the module it wraps, so that names match the eager run (no
     # `_orig_mod.` prefix). The new hooks change what dynamo guards on: the next call recompiles once.
     model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+    check_not_attached(model)  # before any sink binds a port: a second attach must say what it is
     cfg = build_config(config, overrides)
     if process_group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:

@@ -33,6 +33,14 @@ class AlreadyAttachedError(ValueError):
     """A model can carry one monitor at a time."""
 
 
+def check_not_attached(model: nn.Module) -> None:
+    if model in _ATTACHED:
+        raise AlreadyAttachedError(
+            f"moewatch is already attached to this {type(model).__name__}; call .close() on the existing "
+            "monitor (or use it as a context manager) before attaching again"
+        )
+
+
 def _in_backward() -> bool:
     # Activation checkpointing (reentrant and not) re-runs forwards inside the autograd engine.
     return torch._C._current_graph_task_id() != -1
@@ -51,11 +59,7 @@ class Monitor:
         sinks: list[Sink] | None = None,
         process_group: Any = None,
     ) -> None:
-        if model in _ATTACHED:
-            raise AlreadyAttachedError(
-                f"moewatch is already attached to this {type(model).__name__}; call .close() on the existing "
-                "monitor (or use it as a context manager) before attaching again"
-            )
+        check_not_attached(model)
         self.config = config
         self._specs = specs  # read by benchmarks/ to time the hooks
         self._routers = [s.info(i) for i, s in enumerate(specs)]
@@ -129,10 +133,14 @@ class Monitor:
                 self._step = self._window_start_step
         return self._advance()
 
-    def flush(self) -> WindowReport:
+    def flush(self) -> WindowReport | None:
         """Close the current window now (however many steps it has) and return its report. With a process
-        group every rank must call it, as it all-reduces."""
+        group every rank must call it, as it all-reduces. When nothing was counted since the last window
+        ended (e.g. a run whose length is a multiple of ``window_steps``), no empty window is made or
+        emitted: it returns the last complete report, or None if there has been none."""
         self._finish_pending()
+        if self._step == self._window_start_step and not self._counted_since_window():
+            return self.latest
         report = self._end_window(blocking=True)
         if report is None:
             raise RuntimeError("moewatch: the window could not be built; the log holds the reason")
@@ -154,7 +162,7 @@ class Monitor:
             self._finish_pending()
             # With a group, decide from step counts only: they agree across ranks, token counts may not,
             # and a rank that skipped the all_reduce would hang the others.
-            leftover = (any(self._acc.tokens_L) or self._acc.traced_calls) and self._group is None
+            leftover = self._counted_since_window() and self._group is None
             if self._step > self._window_start_step or leftover:
                 self._end_window(blocking=True)
         finally:
@@ -167,6 +175,13 @@ class Monitor:
                     sink.close()
                 except Exception:  # noqa: BLE001 - a sink must not break close()
                     log.exception("moewatch: closing sink %s failed", type(sink).__name__)
+
+    def _counted_since_window(self) -> bool:
+        # Host-side knowledge only (no sync). With a group, token counts may differ across ranks, so callers
+        # that all-reduce decide from step counts, which agree.
+        if self._group is not None:
+            return False
+        return any(self._acc.tokens_L) or self._acc.traced_calls
 
     def add_sink(self, sink: Sink) -> None:
         self._bind(sink)

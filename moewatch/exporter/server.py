@@ -51,10 +51,12 @@ def _url_host(host: str) -> str:
 def start_metrics_server(
     config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None = None
 ) -> MetricsServer:
-    """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ValueError`` naming the key."""
+    """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ConfigError`` naming the key."""
+    from moewatch.config import ConfigError  # here, not at the top: moewatch.config imports this package
+
     for key, path in (("certfile", config.certfile), ("keyfile", config.keyfile)):
         if path is not None and not path.is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"moewatch: prometheus.{key} {path} does not exist; set MOEWATCH_PROMETHEUS__{key.upper()} "
                 "to a readable PEM file"
             )
@@ -68,11 +70,11 @@ def start_metrics_server(
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
-            raise ValueError(
+            raise ConfigError(
                 f"moewatch cannot serve Prometheus metrics: port {config.port} on {config.host} is already in use; "
                 + _HINT
             ) from None
-        raise ValueError(
+        raise ConfigError(
             f"moewatch cannot serve Prometheus metrics on {config.host}:{config.port}: {exc.strerror or exc}; "
             "check prometheus.host (MOEWATCH_PROMETHEUS__HOST), prometheus.certfile/keyfile, or " + _HINT
         ) from None
