@@ -16,6 +16,7 @@ from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.config import MoEWatchConfig
 from moewatch.flush import WindowFlusher
+from moewatch.optim import unwrap_optimizer
 from moewatch.report import WindowReport
 from moewatch.sinks.base import Sink
 from moewatch.window import WindowMeta, build_window_report
@@ -81,12 +82,11 @@ class Monitor:
             if child is not None:
                 self._handles.append(child.register_forward_hook(self._make_stash(spec)))
         if optimizer is not None:
-            if not hasattr(optimizer, "register_step_post_hook"):
+            try:
+                optimizer = unwrap_optimizer(optimizer)
+            except ValueError:
                 self._remove_hooks()
-                raise ValueError(
-                    f"moewatch: optimizer={type(optimizer).__name__} has no register_step_post_hook; pass the "
-                    "underlying torch.optim.Optimizer, or omit optimizer= and call watch.step() after each step"
-                )
+                raise
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self._advance()))
         else:
             # Fallback step source: each training forward of the root module after the first starts a new
