@@ -10,6 +10,7 @@ from moewatch.attach import attach
 from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
 from moewatch.monitor import AlreadyAttachedError, Monitor
 from moewatch.report import HealthState, LayerReport, WindowReport
+from moewatch.resume import RouterMismatchError
 from moewatch.sinks.base import Sink
 
 __version__ = "0.1.0"
@@ -23,6 +24,7 @@ __all__ = [
     "Monitor",
     "NoRouterFoundError",
     "RouterInfo",
+    "RouterMismatchError",
     "RouterOutput",
     "Sink",
     "Thresholds",

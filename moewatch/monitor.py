@@ -18,6 +18,13 @@ from moewatch.config import MoEWatchConfig
 from moewatch.flush import WindowFlusher
 from moewatch.optim import unwrap_optimizer
 from moewatch.report import WindowReport
+from moewatch.resume import (
+    STATE_VERSION,
+    RouterHistory,
+    RouterMismatchError,
+    router_signature,
+    signature_difference,
+)
 from moewatch.sinks.base import Sink
 from moewatch.window import WindowMeta, build_window_report
 
@@ -70,6 +77,7 @@ class Monitor:
         self._window = 0
         self._window_start_step = 0
         self._window_start_time = time.time()
+        self.history = RouterHistory(self._routers)
         self._closed = False
         self._manual_steps = False
         self._root_handle: Any = None
@@ -172,17 +180,45 @@ class Monitor:
             bind(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and sink state (alert incidents) to save with a training checkpoint."""
+        """What a resumed run needs to continue its history: step and window numbers, cumulative per-expert
+        counts, per-expert dead streaks, the router signature, and sink state (alert incidents). Plain
+        Python types only (``torch.save``/``json`` both work). Counts of the window under way are not in it:
+        a resumed run starts a new window at the saved step."""
         sinks = {
             type(s).__name__: s.state_dict()  # type: ignore[attr-defined]
             for s in self._sinks
             if hasattr(s, "state_dict")
         }
-        return {"step": self._step, "window": self._window, "sinks": sinks}
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "window": self._window,
+            "routers": router_signature(self._routers),
+            "history": self.history.state_dict(),
+            "sinks": sinks,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, allow_router_mismatch: bool = False) -> None:
+        """Continue from ``state``. A state saved from a model with other routers (layer count, experts per
+        layer, module names, top_k) raises :class:`RouterMismatchError` naming the difference; with
+        ``allow_router_mismatch=True`` it is accepted with a warning, and per-layer history that does not
+        fit starts from zero."""
+        if "routers" in state:
+            diff = signature_difference(list(state["routers"]), router_signature(self._routers))
+            if diff is not None:
+                if not allow_router_mismatch:
+                    raise RouterMismatchError(
+                        f"moewatch: cannot load this monitor state: {diff}; load the state saved for this "
+                        "model, or pass allow_router_mismatch=True to keep step/window numbers and alert "
+                        "state and restart the per-layer history that does not fit"
+                    )
+                log.warning("moewatch: loading a monitor state from other routers (%s)", diff)
+        elif self._routers:
+            log.warning("moewatch: the monitor state has no router signature (saved by an older moewatch); "
+                        "loading step/window numbers and sink state only")
         self._step = self._window_start_step = int(state.get("step", 0))
         self._window = int(state.get("window", 0))
+        self.history.load_state_dict(state.get("history", {}))
         for s in self._sinks:
             saved = state.get("sinks", {}).get(type(s).__name__)
             if saved is not None and hasattr(s, "load_state_dict"):
@@ -301,6 +337,7 @@ class Monitor:
             log.exception("moewatch: building window %d failed", meta.window)
             return None
         self.latest = report
+        self.history.update(report)
         if self._reporting_rank():
             for sink in self._sinks:
                 try:
