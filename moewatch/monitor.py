@@ -164,6 +164,18 @@ class Monitor:
                 except Exception:  # noqa: BLE001 - a sink must not break close()
                     log.exception("moewatch: closing sink %s failed", type(sink).__name__)
 
+    def on_alert(self, callback: Callable[..., Any]) -> None:
+        """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (the same
+        pending/firing/resolved rules as the notifiers, ``config.alerts``). It runs on the reporting rank,
+        on a worker thread: never inside the training step. Alert state resumes with ``state_dict()``."""
+        from moewatch.alerting.callbacks import AlertCallbackSink
+
+        sink = self.find_sink(AlertCallbackSink)
+        if sink is None:
+            sink = AlertCallbackSink(self.config.alerts, self.config.thresholds)
+            self.add_sink(sink)
+        sink.add(callback)
+
     def add_sink(self, sink: Sink) -> None:
         self._bind(sink)
         self._sinks.append(sink)

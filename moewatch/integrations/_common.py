@@ -34,10 +34,12 @@ def log_keys(report: WindowReport, prefix: str = "moewatch") -> dict[str, float]
 
 
 class DegradeTrigger:
-    """True once: the first window in which some layer that was healthy before is warning or collapsed.
+    """True once: the first window in which some layer that was healthy in an earlier window is warning or
+    collapsed, or some layer is collapsed for the first time (a run that collapses inside its first window
+    had no healthy window to compare with; its first window end is the earliest rollback point there is).
 
-    A layer counts as "healthy before" once any window showed it healthy; windows with insufficient data
-    change nothing. Resumed runs carry ``fired`` in the callback state, so a rollback point is requested
+    A warning with no healthy window before it (an untrained router's warm-up) does not count; windows with
+    insufficient data change nothing. Resumed runs carry ``fired`` in the callback state, so a rollback point is requested
     once per run, not once per restart.
     """
 
@@ -49,7 +51,10 @@ class DegradeTrigger:
         if self.fired:
             return False
         bad = {HealthState.WARNING, HealthState.COLLAPSED}
-        degraded = any(layer.state in bad and layer.index in self.healthy_seen for layer in report.layers)
+        degraded = any(
+            layer.state is HealthState.COLLAPSED or (layer.state in bad and layer.index in self.healthy_seen)
+            for layer in report.layers
+        )
         self.healthy_seen |= {layer.index for layer in report.layers if layer.state == HealthState.HEALTHY}
         if degraded:
             self.fired = True
