@@ -15,7 +15,7 @@ from torch import nn
 from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.config import MoEWatchConfig
-from moewatch.flush import WindowFlusher
+from moewatch.flush import StepMismatchError, WindowFlusher
 from moewatch.optim import unwrap_optimizer
 from moewatch.report import WindowReport
 from moewatch.resume import (
@@ -146,12 +146,15 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        mismatch: StepMismatchError | None = None
         try:
             self._finish_pending()
+            if self._group is not None:
+                mismatch = self._flusher.check_steps(self._step)
             # With a group, decide from step counts only: they agree across ranks, token counts may not,
             # and a rank that skipped the all_reduce would hang the others.
             leftover = any(self._acc.tokens_L) and self._group is None
-            if self._step > self._window_start_step or leftover:
+            if mismatch is None and (self._step > self._window_start_step or leftover):
                 self._end_window(blocking=True)
         finally:
             self._remove_hooks()
@@ -163,6 +166,8 @@ class Monitor:
                     sink.close()
                 except Exception:  # noqa: BLE001 - a sink must not break close()
                     log.exception("moewatch: closing sink %s failed", type(sink).__name__)
+        if mismatch is not None:
+            raise mismatch
 
     def on_alert(self, callback: Callable[..., Any]) -> None:
         """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (the same
@@ -324,6 +329,8 @@ class Monitor:
         self._window_start_time = meta.time_end
         try:
             ready = self._flusher.close_window(meta, blocking)
+        except StepMismatchError:
+            raise  # a configuration error that every rank sees at the same window: never a silent mix
         except Exception:
             if self.config.strict:
                 raise
