@@ -73,3 +73,57 @@ def test_lightning_windows_counts_logs_checkpoint_and_resume(tmp_path) -> None:
     hist = cb2.watch.history
     assert [c.tolist() for c in hist.cumulative_LE] == (ref1.counts_LE + ref2.counts_LE).tolist()
     assert hist.dead_streak_LE[0].tolist() == [4, 4, 0, 0]
+
+
+class LitDemo(pl.LightningModule):
+    """The demo's model and bias feedback loop under Lightning."""
+
+    def __init__(self, balance: str) -> None:
+        super().__init__()
+        from moewatch.demo.model import DemoMoE
+
+        torch.manual_seed(0)
+        self.moe, self.balance = DemoMoE(64, 8, 2, 2), balance
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.moe(x), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        from moewatch.demo.run import BIAS_RATE
+
+        self.moe.update_bias(self.balance, BIAS_RATE[self.balance])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _demo_loader(steps: int = 200, tokens: int = 64):
+    from moewatch.demo.model import SyntheticTokens
+
+    data = SyntheticTokens(64, seed=0)
+    batches = [data.batch(tokens) for _ in range(steps)]
+    return torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+
+
+def test_lightning_rollback_point_once_when_collapsing_never_when_balanced(tmp_path) -> None:
+    from moewatch.report import HealthState
+
+    for balance, expected in (("none", 1), ("bias", 0)):
+        cfg = MoEWatchConfig(run_name=f"lit-{balance}", window_steps=10, jsonl={"enabled": False},
+                             console={"enabled": False}, prometheus={"enabled": False})
+        cb = MoEWatchCallback(cfg, save_on_degrade=True)
+        root = str(tmp_path / balance)
+        trainer = pl.Trainer(default_root_dir=root, max_steps=200, accelerator="cpu", devices=1, logger=False,
+                             enable_checkpointing=False, callbacks=[cb], enable_progress_bar=False,
+                             enable_model_summary=False)
+        trainer.fit(LitDemo(balance), _demo_loader())
+        files = sorted(f for f in os.listdir(root) if f.startswith("moewatch-rollback")) if os.path.isdir(root) else []
+        assert len(files) == expected == len(cb.rollback_paths), files
+        if expected:
+            assert files == ["moewatch-rollback-step=10.ckpt"]  # the demo collapses inside its first window
+            state = torch.load(os.path.join(root, files[0]), weights_only=False)
+            saved = state["callbacks"]["MoEWatchCallback"]
+            assert saved["monitor"]["window"] == 1 and saved["trigger"]["fired"] is True  # once per run
+        else:
+            assert cb.watch.latest.state is HealthState.HEALTHY
