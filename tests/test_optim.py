@@ -91,3 +91,10 @@ def test_wrapper_around_a_non_optimizer_names_the_chain():
 
     with pytest.raises(ValueError, match="optimizer=Outer"):
         unwrap_optimizer(Outer())
+
+
+def test_lightning_optimizer_is_unwrapped():
+    from pytorch_lightning.core.optimizer import LightningOptimizer
+
+    opt = torch.optim.SGD(ToyMoE().parameters(), lr=0.1)
+    assert unwrap_optimizer(LightningOptimizer(opt)) is opt
