@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
     from moewatch.monitor import AlreadyAttachedError, Monitor
     from moewatch.report import HealthState, LayerReport, WindowReport
+    from moewatch.resume import RouterMismatchError
     from moewatch.sinks.base import Sink
 
 _LAZY = {
@@ -38,6 +39,7 @@ _LAZY = {
     "HealthState": "moewatch.report",
     "LayerReport": "moewatch.report",
     "WindowReport": "moewatch.report",
+    "RouterMismatchError": "moewatch.resume",
     "Sink": "moewatch.sinks.base",
 }
 
@@ -51,6 +53,7 @@ __all__ = [
     "NoRouterFoundError",
     "RouterInfo",
     "RouterReadWarning",
+    "RouterMismatchError",
     "RouterOutput",
     "Sink",
     "Thresholds",

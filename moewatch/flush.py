@@ -14,7 +14,11 @@ import torch.distributed as dist
 from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.window import WindowMeta
 
-__all__ = ["WindowFlusher"]
+__all__ = ["StepMismatchError", "WindowFlusher"]
+
+
+class StepMismatchError(RuntimeError):
+    """Ranks closed a window at different step counts: their windows are not aligned."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class WindowFlusher:
         packed = self._acc.pack()
         tokens, prob_tokens = self._acc.take_host_counts()
         if self._group is not None:
-            packed = self._all_reduce(packed, tokens, prob_tokens)
+            packed = self._all_reduce(packed, tokens, prob_tokens, meta.step_end)
         if packed is None:
             return self._unpack(self._zeros(), tokens, prob_tokens), meta
         if packed.device.type == "cuda" and not blocking:
@@ -78,11 +82,21 @@ class WindowFlusher:
         p.event.synchronize()  # CPU-GPU sync: only on flush()/close()
         return self.poll()
 
+    def check_steps(self, step: int) -> StepMismatchError | None:
+        """One small all_reduce of every rank's step count (``close()`` calls it on every rank before its
+        last window, so a rank with an extra step is named on all ranks instead of hanging the others)."""
+        steps_R = torch.zeros(dist.get_world_size(self._group), dtype=torch.float64)
+        steps_R[dist.get_rank(self._group)] = step
+        if dist.get_backend(self._group) == "nccl":
+            steps_R = steps_R.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(steps_R, op=dist.ReduceOp.SUM, group=self._group)
+        return _mismatch(np.rint(steps_R.cpu().numpy()).astype(np.int64))  # CPU-GPU sync: once, at close
+
     def _zeros(self) -> np.ndarray:
         return np.zeros((self._acc.n_layers, self._acc.packed_width))
 
     def _all_reduce(
-        self, packed: torch.Tensor | None, tokens: np.ndarray, prob_tokens: np.ndarray
+        self, packed: torch.Tensor | None, tokens: np.ndarray, prob_tokens: np.ndarray, step: int
     ) -> torch.Tensor:
         if packed is not None:
             device = packed.device
@@ -96,12 +110,35 @@ class WindowFlusher:
         if device.type == "cuda":
             tok = tok.pin_memory()
         full = torch.cat([packed, tok.to(device, non_blocking=True)], dim=1)
-        dist.all_reduce(full, op=dist.ReduceOp.SUM, group=self._group)
-        return full
+        # Each rank writes its step count into its own slot: after the SUM every rank sees all of them and
+        # a rank whose windows are not aligned is named on every rank (checked in _unpack), not hidden in
+        # a mixed window.
+        steps_R = torch.zeros(dist.get_world_size(self._group), dtype=full.dtype)
+        steps_R[dist.get_rank(self._group)] = step
+        flat = torch.cat([full.flatten(), steps_R.to(device)])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group)
+        return flat
 
     def _unpack(self, host: np.ndarray, tokens: np.ndarray, prob_tokens: np.ndarray) -> WindowCounts:
-        if self._group is not None:  # global token totals from the reduced columns
+        if self._group is not None:  # rank step counts, then global token totals from the reduced columns
+            n = self._acc.n_layers * (self._acc.packed_width + 2)
+            steps = np.rint(host[n:]).astype(np.int64)
+            error = _mismatch(steps)
+            if error is not None:
+                raise error
+            host = host[:n].reshape(self._acc.n_layers, -1)
             tokens = np.rint(host[:, -2]).astype(np.int64)
             prob_tokens = np.rint(host[:, -1]).astype(np.int64)
             host = host[:, :-2]
         return self._acc.unpack(host, tokens, prob_tokens)
+
+
+def _mismatch(steps_R: np.ndarray) -> StepMismatchError | None:
+    if len(set(steps_R.tolist())) <= 1:
+        return None
+    return StepMismatchError(
+        "moewatch: ranks are at different step counts ("
+        + ", ".join(f"rank {r}: step {int(v)}" for r, v in enumerate(steps_R))
+        + "); every rank must take the same optimizer steps (and load the same monitor state) for windows "
+        "to line up"
+    )

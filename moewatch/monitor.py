@@ -16,8 +16,16 @@ from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.adapters.failures import report_router_failure
 from moewatch.config import MoEWatchConfig
-from moewatch.flush import WindowFlusher
+from moewatch.flush import StepMismatchError, WindowFlusher
+from moewatch.optim import unwrap_optimizer
 from moewatch.report import WindowReport
+from moewatch.resume import (
+    STATE_VERSION,
+    RouterHistory,
+    RouterMismatchError,
+    router_signature,
+    signature_difference,
+)
 from moewatch.sinks.base import Sink
 from moewatch.trend import TrendTracker
 from moewatch.window import WindowMeta, build_window_report
@@ -75,6 +83,7 @@ class Monitor:
         self._window = 0
         self._window_start_step = 0
         self._window_start_time = time.time()
+        self.history = RouterHistory(self._routers)
         self._closed = False
         self._manual_steps = False
         self._root_handle: Any = None
@@ -90,12 +99,11 @@ class Monitor:
             if child is not None:
                 self._handles.append(child.register_forward_hook(self._make_stash(spec)))
         if optimizer is not None:
-            if not hasattr(optimizer, "register_step_post_hook"):
+            try:
+                optimizer = unwrap_optimizer(optimizer)
+            except ValueError:
                 self._remove_hooks()
-                raise ValueError(
-                    f"moewatch: optimizer={type(optimizer).__name__} has no register_step_post_hook; pass the "
-                    "underlying torch.optim.Optimizer, or omit optimizer= and call watch.step() after each step"
-                )
+                raise
             self._handles.append(optimizer.register_step_post_hook(lambda *_: self._advance()))
         else:
             # Fallback step source: each training forward of the root module after the first starts a new
@@ -158,12 +166,15 @@ class Monitor:
                 "forwards do not mark steps, so windows closed only at flush()/close(). Pass optimizer= to "
                 "moewatch.attach or call watch.step() after each optimizer step"
             )
+        mismatch: StepMismatchError | None = None
         try:
             self._finish_pending()
+            if self._group is not None:
+                mismatch = self._flusher.check_steps(self._step)
             # With a group, decide from step counts only: they agree across ranks, token counts may not,
             # and a rank that skipped the all_reduce would hang the others.
-            leftover = self._counted_since_window() and self._group is None
-            if self._step > self._window_start_step or leftover:
+            leftover = self._counted_since_window()
+            if mismatch is None and (self._step > self._window_start_step or leftover):
                 self._end_window(blocking=True)
         finally:
             self._remove_hooks()
@@ -175,6 +186,20 @@ class Monitor:
                     sink.close()
                 except Exception:  # noqa: BLE001 - a sink must not break close()
                     log.exception("moewatch: closing sink %s failed", type(sink).__name__)
+        if mismatch is not None:
+            raise mismatch
+
+    def on_alert(self, callback: Callable[..., Any]) -> None:
+        """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (the same
+        pending/firing/resolved rules as the notifiers, ``config.alerts``). It runs on the reporting rank,
+        on a worker thread: never inside the training step. Alert state resumes with ``state_dict()``."""
+        from moewatch.alerting.callbacks import AlertCallbackSink
+
+        sink = self.find_sink(AlertCallbackSink)
+        if sink is None:
+            sink = AlertCallbackSink(self.config.alerts, self.config.thresholds)
+            self.add_sink(sink)
+        sink.add(callback)
 
     def _counted_since_window(self) -> bool:
         # Host-side knowledge only (no sync). With a group, token counts may differ across ranks, so callers
@@ -199,18 +224,47 @@ class Monitor:
             bind(self)
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and sink state (alert incidents) to save with a training checkpoint."""
+        """What a resumed run needs to continue its history: step and window numbers, cumulative per-expert
+        counts, per-expert dead streaks, the router signature, and sink state (alert incidents). Plain
+        Python types only (``torch.save``/``json`` both work). Counts of the window under way are not in it:
+        a resumed run starts a new window at the saved step."""
         sinks = {
             type(s).__name__: s.state_dict()  # type: ignore[attr-defined]
             for s in self._sinks
             if hasattr(s, "state_dict")
         }
-        return {"step": self._step, "window": self._window, "sinks": sinks, "trend": self._trend.state_dict()}
+        return {
+            "version": STATE_VERSION,
+            "step": self._step,
+            "window": self._window,
+            "routers": router_signature(self._routers),
+            "history": self.history.state_dict(),
+            "trend": self._trend.state_dict(),
+            "sinks": sinks,
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, allow_router_mismatch: bool = False) -> None:
+        """Continue from ``state``. A state saved from a model with other routers (layer count, experts per
+        layer, module names, top_k) raises :class:`RouterMismatchError` naming the difference; with
+        ``allow_router_mismatch=True`` it is accepted with a warning, and per-layer history that does not
+        fit starts from zero."""
+        if "routers" in state:
+            diff = signature_difference(list(state["routers"]), router_signature(self._routers))
+            if diff is not None:
+                if not allow_router_mismatch:
+                    raise RouterMismatchError(
+                        f"moewatch: cannot load this monitor state: {diff}; load the state saved for this "
+                        "model, or pass allow_router_mismatch=True to keep step/window numbers and alert "
+                        "state and restart the per-layer history that does not fit"
+                    )
+                log.warning("moewatch: loading a monitor state from other routers (%s)", diff)
+        elif self._routers:
+            log.warning("moewatch: the monitor state has no router signature (saved by an older moewatch); "
+                        "loading step/window numbers and sink state only")
         self._step = self._window_start_step = int(state.get("step", 0))
         self._window = int(state.get("window", 0))
         self._trend.load_state_dict(state.get("trend", {}))
+        self.history.load_state_dict(state.get("history", {}))
         for s in self._sinks:
             saved = state.get("sinks", {}).get(type(s).__name__)
             if saved is not None and hasattr(s, "load_state_dict"):
@@ -315,6 +369,8 @@ class Monitor:
         self._window_start_time = meta.time_end
         try:
             ready = self._flusher.close_window(meta, blocking)
+        except StepMismatchError:
+            raise  # a configuration error that every rank sees at the same window: never a silent mix
         except Exception:
             if self.config.strict:
                 raise
@@ -340,6 +396,7 @@ class Monitor:
             log.exception("moewatch: building window %d failed", meta.window)
             return None
         self.latest = report
+        self.history.update(report)
         if self._reporting_rank():
             for sink in self._sinks:
                 try:

@@ -161,6 +161,9 @@ def scan_state_dict(state: dict[str, Any]) -> dict[str, Any]:
         "keys": sorted(str(k) for k in state),
         "layers": None,
     }
+    history = state.get("history")
+    if isinstance(history, dict) and history.get("windows") and "cumulative" in history:  # moewatch.resume
+        state = {**state, "cumulative": history["cumulative"]}
     key = next((k for k in _CUMULATIVE_KEYS if k in state), None)
     if key is None:
         key = next((k for k in state if "cumul" in str(k).lower()), None)

@@ -141,3 +141,21 @@ def test_state_dict_file_reports_what_it_holds(tmp_path: Path, capsys: pytest.Ca
     torch.save([1, 2, 3], path)
     assert main(["scan", str(path)]) == 2
     assert "not a Monitor.state_dict()" in capsys.readouterr().err
+
+
+def test_real_monitor_state_with_history_reports_never_picked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import moewatch
+    from tests.fakes import ToyMoE, quiet, tokens_for
+
+    model = ToyMoE(num_experts=4, top_k=2)
+    with moewatch.attach(model, **quiet(window_steps=1)) as watch:
+        for _ in range(3):
+            model(tokens_for([[0, 1], [1, 2], [0, 2]])).sum().backward()
+            watch.step()
+        path = tmp_path / "moewatch.pt"
+        torch.save(watch.state_dict(), path)
+    rc = main(["scan", str(path), "--json", str(tmp_path / "s.json")])
+    capsys.readouterr()
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert rc == 1 and [layer["never_picked"] for layer in summary["layers"]] == [[3], [3]]
+    assert summary["layers"][0]["loads"] == [6, 6, 6, 0]  # cumulative over the three windows
