@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from moewatch.adapters.base import RouterInfo, RouterOutput
     from moewatch.adapters.discovery import NoRouterFoundError
     from moewatch.adapters.failures import RouterReadWarning
-    from moewatch.attach import attach
+    from moewatch.attaching import attach
     from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
     from moewatch.monitor import AlreadyAttachedError, Monitor
     from moewatch.report import HealthState, LayerReport, WindowReport
@@ -30,7 +30,7 @@ _LAZY = {
     "RouterOutput": "moewatch.adapters.base",
     "NoRouterFoundError": "moewatch.adapters.discovery",
     "RouterReadWarning": "moewatch.adapters.failures",
-    "attach": "moewatch.attach",
+    "attach": "moewatch.attaching",  # not moewatch.attach: importing that submodule would shadow the function
     "ConfigError": "moewatch.config",
     "MoEWatchConfig": "moewatch.config",
     "Thresholds": "moewatch.config",

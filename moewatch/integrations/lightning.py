@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from moewatch.attach import attach
+from moewatch.attaching import attach
 from moewatch.config import MoEWatchConfig
 from moewatch.integrations._common import DegradeTrigger, log_keys
 from moewatch.monitor import Monitor

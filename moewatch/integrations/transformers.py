@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moewatch.attach import attach
+from moewatch.attaching import attach
 from moewatch.config import MoEWatchConfig
 from moewatch.integrations._common import STATE_FILE, DegradeTrigger, log_keys
 from moewatch.monitor import Monitor

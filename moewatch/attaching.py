@@ -1,4 +1,5 @@
-"""``moewatch.attach``: the one line users write."""
+"""``moewatch.attach``: the one line users write (a module named apart from the function it defines, so
+importing it never replaces ``moewatch.attach`` on the lazily loaded package)."""
 
 from __future__ import annotations
 

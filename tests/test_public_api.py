@@ -1,0 +1,20 @@
+"""The lazily loaded public API stays what it says, whatever submodules were imported first."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import types
+
+import moewatch
+
+
+def test_public_names_are_not_shadowed_by_submodules():
+    for info in pkgutil.walk_packages(moewatch.__path__, "moewatch."):
+        if ".integrations." in info.name or info.name.endswith("__main__"):
+            continue  # optional third-party imports; covered by their own tests
+        importlib.import_module(info.name)
+    for name in moewatch.__all__:
+        value = getattr(moewatch, name)
+        assert not isinstance(value, types.ModuleType), f"moewatch.{name} is the module {value.__name__}"
+    assert callable(moewatch.attach) and moewatch.attach.__module__ == "moewatch.attaching"
