@@ -1,18 +1,23 @@
-"""The /metrics HTTP(S) server: prometheus-client's threaded WSGI server on a daemon thread."""
+"""The /metrics HTTP(S) server: :class:`~moewatch.exporter.httpserver.GuardedWSGIServer` on a daemon thread
+(TLS handshakes and requests off the accept loop, with timeouts; ``/metrics``, a landing page at ``/``, 404
+elsewhere)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from moewatch.exporter.exposition import split_app
+from moewatch.exporter.httpserver import GuardedWSGIServer, landing_page, route
 from moewatch.exporter.settings import PrometheusConfig
 
 __all__ = ["MetricsServer", "start_metrics_server"]
@@ -48,6 +53,13 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _family(host: str, port: int) -> tuple[int, tuple[str, int]]:
+    """Address family and bind address for ``host`` (IPv6 literals and names resolving to IPv6 work)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = next(iter(infos))
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
 def start_metrics_server(
     config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None = None
 ) -> MetricsServer:
@@ -59,13 +71,16 @@ def start_metrics_server(
                 "to a readable PEM file"
             )
     try:
-        httpd, thread = start_http_server(
-            config.port,
-            addr=config.host,
-            registry=registry,
-            certfile=str(config.certfile) if config.certfile else None,
-            keyfile=str(config.keyfile) if config.keyfile else None,
-        )
+        context = None
+        if config.certfile and config.keyfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile=str(config.certfile), keyfile=str(config.keyfile))
+        family, addr = _family(config.host, config.port)
+        metrics_app = make_wsgi_app(registry)
+        if static is not None:
+            metrics_app = split_app(metrics_app, static)
+        page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
+        httpd = GuardedWSGIServer(addr, route(metrics_app, page), family=family, ssl_context=context)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ValueError(
@@ -76,9 +91,8 @@ def start_metrics_server(
             f"moewatch cannot serve Prometheus metrics on {config.host}:{config.port}: {exc.strerror or exc}; "
             "check prometheus.host (MOEWATCH_PROMETHEUS__HOST), prometheus.certfile/keyfile, or " + _HINT
         ) from None
-    if static is not None:
-        # Requests look the app up per request, and nobody knows the port before we return.
-        httpd.set_app(split_app(httpd.get_app(), static))
+    thread = threading.Thread(target=httpd.serve_forever, name="moewatch-metrics", daemon=True)
+    thread.start()
     port = int(httpd.server_address[1])
     scheme = "https" if config.certfile else "http"
     url = f"{scheme}://{_url_host(config.host)}:{port}/metrics"
