@@ -10,7 +10,7 @@ from torch import nn
 
 from moewatch.adapters.discovery import discover_routers
 from moewatch.config import ConfigError, MoEWatchConfig, build_config
-from moewatch.monitor import Monitor
+from moewatch.monitor import Monitor, ensure_not_attached
 from moewatch.sinks import build_sinks
 from moewatch.sinks.base import Sink
 
@@ -43,6 +43,7 @@ def attach(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"moewatch.attach expects a torch.nn.Module, got {type(model).__name__}")
+    ensure_not_attached(model)  # before the sinks: a second attach must not fail on the exporter's port
     cfg = build_config(config, overrides)
     if process_group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:

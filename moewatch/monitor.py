@@ -31,6 +31,15 @@ class AlreadyAttachedError(ValueError):
     """A model can carry one monitor at a time."""
 
 
+def ensure_not_attached(model: nn.Module) -> None:
+    """Raise :class:`AlreadyAttachedError` when ``model`` carries a monitor (checked before any sink binds a port)."""
+    if model in _ATTACHED:
+        raise AlreadyAttachedError(
+            f"moewatch is already attached to this {type(model).__name__}; call .close() on the existing "
+            "monitor (or use it as a context manager) before attaching again"
+        )
+
+
 def _in_backward() -> bool:
     # Activation checkpointing (reentrant and not) re-runs forwards inside the autograd engine.
     return torch._C._current_graph_task_id() != -1
@@ -49,11 +58,7 @@ class Monitor:
         sinks: list[Sink] | None = None,
         process_group: Any = None,
     ) -> None:
-        if model in _ATTACHED:
-            raise AlreadyAttachedError(
-                f"moewatch is already attached to this {type(model).__name__}; call .close() on the existing "
-                "monitor (or use it as a context manager) before attaching again"
-            )
+        ensure_not_attached(model)
         self.config = config
         self._specs = specs  # read by benchmarks/ to time the hooks
         self._routers = [s.info(i) for i, s in enumerate(specs)]
@@ -123,10 +128,15 @@ class Monitor:
                 self._step = self._window_start_step
         return self._advance()
 
-    def flush(self) -> WindowReport:
+    def flush(self) -> WindowReport | None:
         """Close the current window now (however many steps it has) and return its report. With a process
-        group every rank must call it, as it all-reduces."""
+        group every rank must call it, as it all-reduces. When nothing was counted since the last window
+        (a run whose length is a multiple of ``window_steps``), no empty window is made and nothing is
+        emitted: the last complete report is returned (None before the first window)."""
         self._finish_pending()
+        leftover = any(self._acc.tokens_L) and self._group is None  # with a group: step counts only, as close()
+        if self._step == self._window_start_step and not leftover:
+            return self.latest
         report = self._end_window(blocking=True)
         if report is None:
             raise RuntimeError("moewatch: the window could not be built; the log holds the reason")

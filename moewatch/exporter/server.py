@@ -31,6 +31,9 @@ _HINT = (
 )
 
 
+_OWN_PORTS: set[int] = set()  # ports this process's exporters serve now
+
+
 @dataclass
 class MetricsServer:
     httpd: WSGIServer
@@ -40,6 +43,7 @@ class MetricsServer:
     url: str
 
     def stop(self, timeout: float = 5.0) -> None:
+        _OWN_PORTS.discard(self.port)
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout)
@@ -63,37 +67,58 @@ def _family(host: str, port: int) -> tuple[int, tuple[str, int]]:
 def start_metrics_server(
     config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None = None
 ) -> MetricsServer:
-    """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ValueError`` naming the key."""
+    """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ConfigError`` naming the port and
+    the fix. A port that another monitor of this process serves (a notebook re-run, a second model) is not an
+    error: this one is served on a free port instead, with a warning naming it."""
+    from moewatch.config import ConfigError  # here, not at the top: moewatch.config imports this package
+
     for key, path in (("certfile", config.certfile), ("keyfile", config.keyfile)):
         if path is not None and not path.is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"moewatch: prometheus.{key} {path} does not exist; set MOEWATCH_PROMETHEUS__{key.upper()} "
                 "to a readable PEM file"
             )
     try:
-        context = None
-        if config.certfile and config.keyfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(certfile=str(config.certfile), keyfile=str(config.keyfile))
-        family, addr = _family(config.host, config.port)
-        metrics_app = make_wsgi_app(registry)
-        if static is not None:
-            metrics_app = split_app(metrics_app, static)
-        page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
-        httpd = GuardedWSGIServer(addr, route(metrics_app, page), family=family, ssl_context=context)
+        return _start(config, registry, static)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE and config.port != 0 and config.port in _OWN_PORTS:
+            server = _start(config.model_copy(update={"port": 0}), registry, static)
+            log.warning(
+                "moewatch: port %d is already served by another moewatch monitor in this process (a notebook "
+                "re-run or a second model?); serving this one at %s instead. Close the other monitor first, or "
+                "set prometheus.port (MOEWATCH_PROMETHEUS__PORT) per monitor to choose",
+                config.port, server.url,
+            )
+            return server
         if exc.errno == errno.EADDRINUSE:
-            raise ValueError(
+            raise ConfigError(
                 f"moewatch cannot serve Prometheus metrics: port {config.port} on {config.host} is already in use; "
                 + _HINT
             ) from None
-        raise ValueError(
+        raise ConfigError(
             f"moewatch cannot serve Prometheus metrics on {config.host}:{config.port}: {exc.strerror or exc}; "
             "check prometheus.host (MOEWATCH_PROMETHEUS__HOST), prometheus.certfile/keyfile, or " + _HINT
         ) from None
+
+
+def _start(
+    config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None
+) -> MetricsServer:
+    """Bind and serve; OSError (busy port, bad host, unreadable certificate) goes to the caller."""
+    context = None
+    if config.certfile and config.keyfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile=str(config.certfile), keyfile=str(config.keyfile))
+    family, addr = _family(config.host, config.port)
+    metrics_app = make_wsgi_app(registry)
+    if static is not None:
+        metrics_app = split_app(metrics_app, static)
+    page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
+    httpd = GuardedWSGIServer(addr, route(metrics_app, page), family=family, ssl_context=context)
     thread = threading.Thread(target=httpd.serve_forever, name="moewatch-metrics", daemon=True)
     thread.start()
     port = int(httpd.server_address[1])
+    _OWN_PORTS.add(port)
     scheme = "https" if config.certfile else "http"
     url = f"{scheme}://{_url_host(config.host)}:{port}/metrics"
     log.info("moewatch: serving Prometheus metrics at %s", url)
