@@ -91,7 +91,8 @@ def test_hanging_endpoint_never_slows_training(one_thread) -> None:
     assert max(closes) < 1.0 + 0.5
     assert hits >= 3  # the notifiers did try: one request each hangs
     assert stats["slack"]["dropped"] > 0 and stats["webhook"]["dropped"] > 0  # 20 windows into 4 slots
-    assert stats["pagerduty"]["dropped"] == 0  # repeats are not for PagerDuty: never queued
+    # repeats are not for PagerDuty (never queued): only its one trigger, in flight at close, is dropped
+    assert stats["pagerduty"]["dropped"] == 1
     assert stats["slack"]["sent"] == 0
 
 

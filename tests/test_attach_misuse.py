@@ -63,6 +63,4 @@ def test_attaching_twice_says_so_before_binding_the_port():
         # before: "port ... is already in use" (the first monitor holds it), hiding the real mistake
         with pytest.raises(moewatch.AlreadyAttachedError, match="already attached"):
             moewatch.attach(model, **cfg)
-        # a second model in the same process gets the port message, which says how to pick another port
-        with pytest.raises(ConfigError, match="0 to pick any free port"):
-            moewatch.attach(ToyMoE(), **cfg)
+        # a second model in the same process is served on a free port instead (tests/test_exporter_guard.py)

@@ -42,14 +42,14 @@ class _Echo:
         return "echo"
 
 
-def _n(window: int) -> Notification:
-    return Notification(run="r", window=window, step=window, time=0.0, alerts=())
+def _n(window: int, run: str = "r") -> Notification:
+    return Notification(run=run, window=window, step=window, time=0.0, alerts=())
 
 
 def _deliver(srv: WebhookServer, count: int = 1, timeout: float = 10.0, **policy) -> DeliveryWorker:
     w = DeliveryWorker(_Echo(srv.url(SECRET_PATH)), _policy(**policy), queue_size=10)
     for i in range(count):
-        w.submit(_n(i))
+        w.submit(_n(i, run=f"r{i}"))
     assert w.close(time.monotonic() + timeout)
     return w
 
@@ -59,7 +59,7 @@ def test_retries_500_until_recovery_and_delivers_once() -> None:
         w = _deliver(srv)
     assert [h.answer for h in srv.hits] == ["500", "502", "503", "200"]
     assert len(srv.answered(200)) == 1
-    assert w.stats.as_dict() == {"sent": 1, "failed": 0, "retried": 3, "dropped": 0}
+    assert w.stats.as_dict() == {"sent": 1, "failed": 0, "retried": 3, "dropped": 0, "coalesced": 0}
 
 
 def test_429_honours_retry_after() -> None:
@@ -89,7 +89,7 @@ def test_closed_connections_are_retried() -> None:
     with WebhookServer([("close",), ("close",)]) as srv:
         w = _deliver(srv)
     assert [h.answer for h in srv.hits] == ["close", "close", "200"]
-    assert w.stats.as_dict() == {"sent": 1, "failed": 0, "retried": 2, "dropped": 0}
+    assert w.stats.as_dict() == {"sent": 1, "failed": 0, "retried": 2, "dropped": 0, "coalesced": 0}
 
 
 def test_hanging_endpoint_times_out_then_recovers() -> None:
@@ -98,14 +98,14 @@ def test_hanging_endpoint_times_out_then_recovers() -> None:
         w = _deliver(srv, read_timeout=0.3)
     assert [h.answer for h in srv.hits] == ["hang", "200"]
     assert 0.3 <= time.monotonic() - t0 < 5
-    assert w.stats.as_dict() == {"sent": 1, "failed": 0, "retried": 1, "dropped": 0}
+    assert w.stats.as_dict() == {"sent": 1, "failed": 0, "retried": 1, "dropped": 0, "coalesced": 0}
 
 
 def test_4xx_not_retried_and_body_logged_without_secret(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG), WebhookServer([status(404, "no_service")]) as srv:
         w = _deliver(srv, count=2)
     assert [h.answer for h in srv.hits] == ["404", "200"]  # first given up at once, second delivered
-    assert w.stats.as_dict() == {"sent": 1, "failed": 1, "retried": 0, "dropped": 0}
+    assert w.stats.as_dict() == {"sent": 1, "failed": 1, "retried": 0, "dropped": 0, "coalesced": 0}
     assert "rejected with HTTP 404, not retried: no_service" in caplog.text
     assert "SECRET" not in caplog.text  # urllib3's DEBUG lines name the path: redacted
 
@@ -114,7 +114,7 @@ def test_gives_up_after_max_retries(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.DEBUG), WebhookServer(default=status(500, "down")) as srv:
         w = _deliver(srv, max_retries=2)
     assert len(srv.hits) == 3
-    assert w.stats.as_dict() == {"sent": 0, "failed": 1, "retried": 2, "dropped": 0}
+    assert w.stats.as_dict() == {"sent": 0, "failed": 1, "retried": 2, "dropped": 0, "coalesced": 0}
     assert "failed after 3 attempts: HTTP 500: down" in caplog.text
     assert "SECRET" not in caplog.text
 
@@ -126,7 +126,7 @@ def test_connection_refused_never_leaks_url(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.DEBUG):
         w.submit(_n(0))
         assert w.close(time.monotonic() + 5)
-    assert w.stats.as_dict() == {"sent": 0, "failed": 1, "retried": 1, "dropped": 0}
+    assert w.stats.as_dict() == {"sent": 0, "failed": 1, "retried": 1, "dropped": 0, "coalesced": 0}
     assert "ConnectionError" in caplog.text and "SECRET" not in caplog.text
 
 
@@ -138,25 +138,25 @@ def test_full_queue_drops_oldest_and_counts() -> None:
         while not srv.hits and time.monotonic() < deadline:
             time.sleep(0.01)
         for i in range(1, 6):
-            w.submit(_n(i))
+            w.submit(_n(i, run=f"r{i}"))  # five alert groups: nothing to coalesce
         assert w.pending() == 2
         assert w.close(time.monotonic() + 5)
     assert [h.body["window"] for h in srv.answered(200)] == [4, 5]  # the newest survived
-    assert w.stats.as_dict() == {"sent": 2, "failed": 1, "retried": 0, "dropped": 3}
+    assert w.stats.as_dict() == {"sent": 2, "failed": 1, "retried": 0, "dropped": 3, "coalesced": 0}
 
 
 def test_close_returns_within_limit_with_hanging_endpoint() -> None:
     with WebhookServer(default=("hang",)) as srv:
         w = DeliveryWorker(_Echo(srv.url()), _policy(read_timeout=30.0), queue_size=10)
         for i in range(3):
-            w.submit(_n(i))
+            w.submit(_n(i, run=f"r{i}"))
         t0 = time.monotonic()
         done = w.close(time.monotonic() + 0.5)
         took = time.monotonic() - t0
         assert not done and took < 1.0
-        assert w.stats.as_dict()["dropped"] == 2  # one in flight, two never started
+        assert w.stats.as_dict()["dropped"] == 3  # one in flight, two never started: all undelivered
         w.submit(_n(9))  # after close: dropped, never blocks
-        assert w.stats.as_dict()["dropped"] == 3
+        assert w.stats.as_dict()["dropped"] == 4
 
 
 def test_slack_rate_limit_one_message_per_interval() -> None:
@@ -165,6 +165,8 @@ def test_slack_rate_limit_one_message_per_interval() -> None:
         sink = AlertSink(cfg)
         for w in range(3):  # each window a new layer collapses: three notifications
             sink.emit(make_report(w, [make_layer(i, "collapsed" if i <= w else "healthy") for i in range(3)]))
+            # the next one follows the moment this one is sent (one still waiting would be coalesced)
+            srv.wait_for(w + 1, timeout=5)
         sink.close()
     times = [h.time for h in srv.answered(200)]
     assert len(times) == 3
@@ -182,13 +184,16 @@ def test_alerts_delivered_once_after_outage_none_twice() -> None:
         sink = AlertSink(cfg)
         bad = [make_layer(i, "collapsed", dead=(1,)) for i in range(4)]
         good = [make_layer(i, "healthy") for i in range(4)]
-        for w, layers in enumerate([bad, bad, good, good, good]):
+        for w, layers in enumerate([bad, bad]):
             sink.emit(make_report(w, layers))
+        srv.wait_for(1, timeout=10)  # the firing message got through (after three failures)...
+        for w, layers in enumerate([good, good, good], start=2):
+            sink.emit(make_report(w, layers))  # ...then the resolve meets two more
         sink.close()
     delivered = [h.body["text"] for h in srv.answered(200)]
     assert len(delivered) == 2 and len(set(delivered)) == 2
     assert delivered[0].startswith("[FIRING:8]") and delivered[1].startswith("[RESOLVED]")
-    assert sink.delivery_stats()["slack"] == {"sent": 2, "failed": 0, "retried": 5, "dropped": 0}
+    assert sink.delivery_stats()["slack"] == {"sent": 2, "failed": 0, "retried": 5, "dropped": 0, "coalesced": 0}
 
 
 def test_unclosed_sink_flushes_at_interpreter_exit() -> None:

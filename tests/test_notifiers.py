@@ -66,7 +66,7 @@ def test_slack_collapse_and_recovery_messages() -> None:
     assert resolve["text"].startswith("[RESOLVED] moewatch run run-a step 40")
     assert "6 alerts resolved" in resolve["blocks"][0]["text"]["text"]
     assert "*Resolved: collapsed*" in _texts(resolve["blocks"])
-    assert sink.delivery_stats() == {"slack": {"sent": 2, "failed": 0, "retried": 0, "dropped": 0}}
+    assert sink.delivery_stats() == {"slack": {"sent": 2, "failed": 0, "retried": 0, "dropped": 0, "coalesced": 0}}
 
 
 def test_slack_message_limits_with_sixty_layers() -> None:

@@ -38,7 +38,9 @@ class Hit:
 
 
 class WebhookServer:
-    def __init__(self, script: list[Behaviour] | None = None, default: Behaviour | None = None) -> None:
+    def __init__(
+        self, script: list[Behaviour] | None = None, default: Behaviour | None = None, port: int = 0
+    ) -> None:
         self.script = list(script or [])
         self.default = default or ok()
         self.hits: list[Hit] = []
@@ -87,7 +89,7 @@ class WebhookServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)  # port: come back where a stopped one was
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

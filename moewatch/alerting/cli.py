@@ -94,7 +94,8 @@ def run_alert_test(args: argparse.Namespace) -> int:
         run=run, window=0, step=0, time=now, alerts=(), test=True,
         grafana_url=alerts.grafana_url, external_url=alerts.external_url or alerts.grafana_url, incident=key,
     )
-    policy = replace(RetryPolicy.from_config(alerts), max_retries=min(alerts.max_retries, 2))
+    retries = 2 if alerts.max_retries is None else min(alerts.max_retries, 2)
+    policy = replace(RetryPolicy.from_config(alerts), max_retries=retries)
     failed = 0
     with requests.Session() as session:
         for notifier in notifiers:

@@ -3,8 +3,13 @@
 ``submit`` never blocks (a short lock; a full queue drops its oldest notification and counts it). The
 worker renders each notification into HTTP requests and posts them with connect/read timeouts, retrying
 connection errors, 5xx and 429 with exponential backoff and jitter (``Retry-After`` honoured, capped),
-never other 4xx. ``close`` flushes until a deadline, then gives up; the worker threads are daemons so a
-hanging endpoint can never keep the process alive.
+never other 4xx. By default it retries for as long as the process lives (``max_retries=None``), the delay
+capped at ``backoff_max``: an outage of any length loses nothing. Notifications of one alert group (one
+run, one incident) that queue up behind a failing endpoint are coalesced into the group's latest state
+(keeping alerts that resolved meanwhile), and a notification still being retried is superseded by a newer
+one of its group, so a long outage delivers the present, once, not a backlog. ``close`` flushes until a
+deadline, then gives up: what is still undelivered is logged with its count and counted as ``dropped``. The
+worker threads are daemons so a hanging endpoint can never keep the process alive.
 
 Secrets live in request URLs (Slack) and bodies (PagerDuty): nothing here logs a URL, a body or the text
 of a ``requests`` exception (which embeds the URL); service answers are logged with secrets redacted.
@@ -20,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import requests
@@ -36,6 +41,7 @@ __all__ = [
     "HttpNotifier",
     "HttpRequest",
     "RetryPolicy",
+    "coalesce",
     "post_with_retries",
     "redact",
 ]
@@ -74,9 +80,9 @@ class HttpNotifier(Protocol):
 class RetryPolicy:
     connect_timeout: float = 3.05
     read_timeout: float = 10.0
-    max_retries: int = 5
+    max_retries: int | None = None  # None: retry while the process lives
     backoff_initial: float = 1.0
-    backoff_max: float = 60.0
+    backoff_max: float = 300.0
     retry_after_max: float = 300.0
 
     @classmethod
@@ -88,14 +94,15 @@ class RetryPolicy:
 
     def backoff(self, retry: int) -> float:
         """Delay before retry number ``retry`` (1-based): exponential, capped, with jitter in [50 %, 100 %]."""
-        base = min(self.backoff_max, self.backoff_initial * 2 ** (retry - 1))
+        base = min(self.backoff_max, self.backoff_initial * 2 ** min(retry - 1, 64))
         return base * random.uniform(0.5, 1.0)
 
 
 class DeliveryStats:
-    """Thread-safe counters: sent, failed, retried, dropped."""
+    """Thread-safe counters: sent, failed, retried, dropped (never delivered: queue full, or left at close),
+    coalesced (merged into a newer notification of the same group before it could be delivered)."""
 
-    FIELDS = ("sent", "failed", "retried", "dropped")
+    FIELDS = ("sent", "failed", "retried", "dropped", "coalesced")
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -117,6 +124,7 @@ class DeliveryResult:
     body: str
     attempts: int
     error: str | None = None
+    abandoned: bool = False  # ``sleep`` refused to wait (close deadline, or superseded)
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -144,16 +152,19 @@ def post_with_retries(
     stats: DeliveryStats | None = None,
     secrets: list[str] | None = None,
     sleep: Callable[[float], bool] | None = None,
+    first_attempt: int = 1,
 ) -> DeliveryResult:
     """POST ``req`` until it succeeds, fails for good, or ``sleep`` refuses to wait (returns False).
 
-    Counts one ``retried`` per retry and one ``sent`` or ``failed`` at the end.
+    Counts one ``retried`` per retry and one ``sent`` or ``failed`` at the end; when ``sleep`` refuses, the
+    result has ``abandoned=True`` and nothing is counted (the caller knows why it refused).
+    ``first_attempt`` > 1 continues the backoff of an earlier, superseded request.
     """
     secrets = secrets or []
     wait = sleep or (lambda s: (time.sleep(s), True)[1])
     data = json.dumps(req.body, separators=(",", ":")).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "moewatch", **req.headers}
-    attempt = 0
+    attempt = first_attempt - 1
     while True:
         attempt += 1
         status: int | None = None
@@ -188,7 +199,7 @@ def post_with_retries(
             error = type(exc).__name__
         except Exception as exc:  # noqa: BLE001 - the worker thread must survive anything
             error = type(exc).__name__
-        if attempt > policy.max_retries:
+        if policy.max_retries is not None and attempt > policy.max_retries:
             log.warning(
                 "moewatch: %s notification (%s) failed after %d attempts: %s%s",
                 name, req.label, attempt, error, f": {body[:_BODY_LOG_CHARS]}" if body else "",
@@ -198,17 +209,30 @@ def post_with_retries(
             return DeliveryResult(False, status, body, attempt, error)
         if delay is None:
             delay = policy.backoff(attempt)
-        log.info("moewatch: %s notification (%s) got %s; retry %d in %.2fs", name, req.label, error, attempt, delay)
+        level = logging.WARNING if attempt == 3 else logging.INFO
+        log.log(
+            level, "moewatch: %s notification (%s) got %s; retry %d in %.2fs%s", name, req.label, error, attempt,
+            delay, " (retrying until it is delivered or the monitor closes)" if policy.max_retries is None else "",
+        )
         if not wait(delay):
-            log.warning(
-                "moewatch: %s notification (%s) abandoned at close after %d attempts: %s",
-                name, req.label, attempt, error,
-            )
-            if stats:
-                stats.add("failed")
-            return DeliveryResult(False, status, body, attempt, error or "abandoned")
+            return DeliveryResult(False, status, body, attempt, "abandoned", abandoned=True)
         if stats:
             stats.add("retried")
+
+
+def _group(n: Notification) -> tuple[str, str, bool]:
+    return (n.group_key, n.incident, n.test)
+
+
+def coalesce(older: Notification, newer: Notification) -> Notification:
+    """One notification saying what ``older`` then ``newer`` (same group and incident) said: ``newer``'s
+    alerts plus the alerts that resolved in ``older`` and are not in ``newer``; changed in either."""
+    assert _group(older) == _group(newer), "only notifications of one group and incident coalesce"
+    present = {a.fingerprint for a in newer.alerts}
+    carried = tuple(a for a in older.alerts if a.status == "resolved" and a.fingerprint not in present)
+    alerts = newer.alerts + carried
+    keep = {a.fingerprint for a in alerts}
+    return replace(newer, alerts=alerts, changed=frozenset(newer.changed | (older.changed & keep)))
 
 
 class DeliveryWorker:
@@ -234,17 +258,31 @@ class DeliveryWorker:
         self._session = session or requests.Session()
         self._thread: threading.Thread | None = None
         self._drop_logged = False
+        self._inflight: Notification | None = None
+        self._abandoned = False  # close() gave up on the in-flight notification (and counted it)
+        self._failing = False  # the endpoint's last answer was a failure: coalesce what queues up
+        self._attempts = 0  # attempts so far of the current outage (the backoff continues across supersedes)
+        self._resume_at = 0.0  # when the superseded request's next retry was due
 
     @property
     def name(self) -> str:
         return self.notifier.name
 
     def submit(self, notification: Notification) -> None:
-        """Queue ``notification``; never blocks. When the queue is full the oldest one is dropped."""
+        """Queue ``notification``; never blocks. While the endpoint is failing, a queued notification of the
+        same group and incident is replaced by the coalesced one; when the queue is full the oldest one is
+        dropped."""
         with self._cv:
             if self._closing:
                 self.stats.add("dropped")
                 return
+            key = _group(notification)
+            for i in range(len(self._queue) - 1, -1, -1):
+                if self._failing and _group(self._queue[i]) == key:
+                    self._queue[i] = coalesce(self._queue[i], notification)
+                    self.stats.add("coalesced")
+                    self._cv.notify_all()
+                    return
             if len(self._queue) >= self._queue_size:
                 self._queue.popleft()
                 self.stats.add("dropped")
@@ -259,9 +297,10 @@ class DeliveryWorker:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=f"moewatch-alerts-{self.name}", daemon=True)
                 self._thread.start()
-            self._cv.notify()
+            self._cv.notify_all()
 
     def pending(self) -> int:
+        """Notifications queued (not counting the one being delivered)."""
         with self._cv:
             return len(self._queue)
 
@@ -274,7 +313,7 @@ class DeliveryWorker:
 
     def close(self, deadline: float) -> bool:
         """:meth:`request_close`, then wait until ``deadline`` at most. Returns True when the worker finished
-        in time; what is still queued then is dropped (and counted)."""
+        in time; what is still undelivered then (queued, or in flight) is logged and counted as dropped."""
         self.request_close(deadline)
         with self._cv:
             thread = self._thread
@@ -285,24 +324,42 @@ class DeliveryWorker:
         with self._cv:
             left = len(self._queue)
             self._queue.clear()
+            if not done and self._inflight is not None:
+                left += 1
+                self._abandoned = True
         if left:
-            self.stats.add("dropped", left)
-            log.warning("moewatch: %s: %d queued notification(s) not delivered before close timeout", self.name, left)
+            self._count_dropped(left)
         if done:
             self._session.close()
         return done
+
+    def _count_dropped(self, n: int) -> None:
+        self.stats.add("dropped", n)
+        log.warning(
+            "moewatch: %s: %d notification(s) still undelivered at close, after alerts.close_timeout; dropped "
+            "(counted as dropped in moewatch_alert_notifications_total)", self.name, n,
+        )
 
     # --- worker thread -----------------------------------------------------------------------------
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() > self._deadline
 
-    def _sleep(self, seconds: float) -> bool:
-        """Wait ``seconds``; False (at once) when the close deadline would pass first."""
+    def _superseded(self, key: tuple[str, str, bool]) -> bool:
+        return any(_group(n) == key for n in self._queue)
+
+    def _sleep(self, seconds: float, key: tuple[str, str, bool] | None = None) -> bool:
+        """Wait ``seconds``; False (at once) when the close deadline would pass first, or when a newer
+        notification of group ``key`` arrives (``key`` is given for retry waits only)."""
         end = time.monotonic() + seconds
         with self._cv:
+            if key is not None:
+                self._failing = True
+                self._resume_at = end
             while True:
                 if self._deadline is not None and end > self._deadline:
+                    return False
+                if key is not None and self._superseded(key):
                     return False
                 left = end - time.monotonic()
                 if left <= 0:
@@ -317,22 +374,70 @@ class DeliveryWorker:
                 if not self._queue or self._past_deadline():
                     return
                 item = self._queue.popleft()
-            self._deliver(item)
+                if self._failing:  # the endpoint is down: deliver the group's latest state only
+                    key = _group(item)
+                    for queued in [n for n in self._queue if _group(n) == key]:
+                        self._queue.remove(queued)
+                        item = coalesce(item, queued)
+                        self.stats.add("coalesced")
+                self._inflight = item
+            outcome = self._deliver(item)
+            with self._cv:
+                self._inflight = None
+                if self._abandoned:
+                    return
+                if outcome == "superseded":
+                    key = _group(item)
+                    for i, queued in enumerate(self._queue):
+                        if _group(queued) == key:
+                            del self._queue[i]
+                            self._queue.appendleft(coalesce(item, queued))  # the group keeps its place
+                            self.stats.add("coalesced")
+                            break
+                    else:  # cannot happen (the queue only loses entries at close); keep it
+                        self._queue.appendleft(item)
+                elif outcome == "abandoned":
+                    self._count_dropped(1)
 
-    def _deliver(self, notification: Notification) -> None:
+    def _deliver(self, notification: Notification) -> str:
+        """``sent``, ``failed``, ``superseded`` (a newer state of its group is queued: deliver that
+        instead) or ``abandoned`` (the close deadline came first)."""
         try:
             requests_ = self.notifier.render(notification)
         except Exception:  # noqa: BLE001 - a rendering bug must not kill the worker
             log.exception("moewatch: rendering a %s notification failed", self.name)
             self.stats.add("failed")
-            return
-        for req in requests_:
+            return "failed"
+        key = _group(notification)
+        outcome = "sent"
+        for i, req in enumerate(requests_):
             wait = self._last_send + self.notifier.min_interval - time.monotonic()
-            if wait > 0 and not self._sleep(wait):
-                self.stats.add("failed")
-                continue
-            post_with_retries(
+            resuming = self._failing and i == 0  # a superseded request's retry was due then: keep the backoff
+            if resuming:
+                wait = max(wait, self._resume_at - time.monotonic())
+            if wait > 0 and not self._sleep(wait, key if resuming else None):
+                with self._cv:
+                    superseded = not self._past_deadline() and self._superseded(key)
+                return "superseded" if superseded else "abandoned"
+            # Only before the first request succeeds may a newer state replace this one (no resends).
+            group = key if i == 0 else None
+            res = post_with_retries(
                 self._session, req, self.policy, name=self.name, stats=self.stats,
-                secrets=self.notifier.secrets(), sleep=self._sleep,
+                secrets=self.notifier.secrets(), sleep=lambda s, g=group: self._sleep(s, g),
+                first_attempt=self._attempts + 1 if i == 0 else 1,
             )
+            with self._cv:
+                down = res.status is None or res.status >= 500 or res.status == 429
+                self._failing = not res.ok and down
+                self._attempts = res.attempts if res.abandoned else 0
             self._last_send = time.monotonic()
+            if res.abandoned:
+                with self._cv:
+                    superseded = not self._past_deadline() and i == 0 and self._superseded(key)
+                if superseded:
+                    log.info("moewatch: %s notification superseded by a newer state of its group", self.name)
+                    return "superseded"
+                return "abandoned"
+            if not res.ok:
+                outcome = "failed"
+        return outcome

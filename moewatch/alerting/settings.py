@@ -161,16 +161,23 @@ class AlertsConfig(BaseModel):
     )
     connect_timeout: float = Field(3.05, gt=0, description="Seconds to wait for a TCP/TLS connection.")
     read_timeout: float = Field(10.0, gt=0, description="Seconds to wait for the service to answer.")
-    max_retries: int = Field(
-        5, ge=0, description="Retries after connection errors, 5xx and 429 (never after other 4xx)."
+    max_retries: int | None = Field(
+        None, ge=0,
+        description="Retries after connection errors, 5xx and 429 (never after other 4xx). None (the default): "
+        "retry while the process lives, so an outage of any length loses nothing; queued notifications of one "
+        "alert group are coalesced into its latest state meanwhile.",
     )
     backoff_initial: float = Field(1.0, ge=0, description="First retry delay in seconds; doubles each retry, with jitter.")
-    backoff_max: float = Field(60.0, ge=0, description="Longest retry delay in seconds.")
+    backoff_max: float = Field(
+        300.0, ge=0, description="Longest retry delay in seconds (the cap of the exponential backoff)."
+    )
     retry_after_max: float = Field(
         300.0, ge=0, description="Longest Retry-After (seconds) honoured from a 429/503 answer."
     )
     close_timeout: float = Field(
-        5.0, ge=0, description="Seconds close() waits to deliver what is queued before giving up."
+        5.0, ge=0,
+        description="Seconds close() waits to deliver what is queued before giving up; what is still undelivered "
+        "then is logged with its count and counted as dropped.",
     )
 
     @field_validator("repeat_interval", mode="before")

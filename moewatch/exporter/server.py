@@ -1,18 +1,23 @@
-"""The /metrics HTTP(S) server: prometheus-client's threaded WSGI server on a daemon thread."""
+"""The /metrics HTTP(S) server: :class:`~moewatch.exporter.httpserver.GuardedWSGIServer` on a daemon thread
+(TLS handshakes and requests off the accept loop, with timeouts; ``/metrics``, a landing page at ``/``, 404
+elsewhere)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import socket
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from moewatch.exporter.exposition import split_app
+from moewatch.exporter.httpserver import GuardedWSGIServer, landing_page, route
 from moewatch.exporter.settings import PrometheusConfig
 
 __all__ = ["MetricsServer", "start_metrics_server"]
@@ -26,6 +31,9 @@ _HINT = (
 )
 
 
+_OWN_PORTS: set[int] = set()  # ports this process's exporters serve now
+
+
 @dataclass
 class MetricsServer:
     httpd: WSGIServer
@@ -35,6 +43,7 @@ class MetricsServer:
     url: str
 
     def stop(self, timeout: float = 5.0) -> None:
+        _OWN_PORTS.discard(self.port)
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout)
@@ -48,10 +57,19 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _family(host: str, port: int) -> tuple[int, tuple[str, int]]:
+    """Address family and bind address for ``host`` (IPv6 literals and names resolving to IPv6 work)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = next(iter(infos))
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
 def start_metrics_server(
     config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None = None
 ) -> MetricsServer:
-    """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ConfigError`` naming the key."""
+    """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ConfigError`` naming the port and
+    the fix. A port that another monitor of this process serves (a notebook re-run, a second model) is not an
+    error: this one is served on a free port instead, with a warning naming it."""
     from moewatch.config import ConfigError  # here, not at the top: moewatch.config imports this package
 
     for key, path in (("certfile", config.certfile), ("keyfile", config.keyfile)):
@@ -61,14 +79,17 @@ def start_metrics_server(
                 "to a readable PEM file"
             )
     try:
-        httpd, thread = start_http_server(
-            config.port,
-            addr=config.host,
-            registry=registry,
-            certfile=str(config.certfile) if config.certfile else None,
-            keyfile=str(config.keyfile) if config.keyfile else None,
-        )
+        return _start(config, registry, static)
     except OSError as exc:
+        if exc.errno == errno.EADDRINUSE and config.port != 0 and config.port in _OWN_PORTS:
+            server = _start(config.model_copy(update={"port": 0}), registry, static)
+            log.warning(
+                "moewatch: port %d is already served by another moewatch monitor in this process (a notebook "
+                "re-run or a second model?); serving this one at %s instead. Close the other monitor first, or "
+                "set prometheus.port (MOEWATCH_PROMETHEUS__PORT) per monitor to choose",
+                config.port, server.url,
+            )
+            return server
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(
                 f"moewatch cannot serve Prometheus metrics: port {config.port} on {config.host} is already in use; "
@@ -78,10 +99,26 @@ def start_metrics_server(
             f"moewatch cannot serve Prometheus metrics on {config.host}:{config.port}: {exc.strerror or exc}; "
             "check prometheus.host (MOEWATCH_PROMETHEUS__HOST), prometheus.certfile/keyfile, or " + _HINT
         ) from None
+
+
+def _start(
+    config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None
+) -> MetricsServer:
+    """Bind and serve; OSError (busy port, bad host, unreadable certificate) goes to the caller."""
+    context = None
+    if config.certfile and config.keyfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile=str(config.certfile), keyfile=str(config.keyfile))
+    family, addr = _family(config.host, config.port)
+    metrics_app = make_wsgi_app(registry)
     if static is not None:
-        # Requests look the app up per request, and nobody knows the port before we return.
-        httpd.set_app(split_app(httpd.get_app(), static))
+        metrics_app = split_app(metrics_app, static)
+    page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
+    httpd = GuardedWSGIServer(addr, route(metrics_app, page), family=family, ssl_context=context)
+    thread = threading.Thread(target=httpd.serve_forever, name="moewatch-metrics", daemon=True)
+    thread.start()
     port = int(httpd.server_address[1])
+    _OWN_PORTS.add(port)
     scheme = "https" if config.certfile else "http"
     url = f"{scheme}://{_url_host(config.host)}:{port}/metrics"
     log.info("moewatch: serving Prometheus metrics at %s", url)
