@@ -485,7 +485,7 @@ def test_eval_mode_is_not_counted(name: str) -> None:
         assert sum(sum(c) for c in ref.loads()) > 0  # the routers did run
         report = watch.flush()
     ref.remove()
-    assert all(layer.tokens == 0 and sum(layer.loads) == 0 for layer in report.layers)
+    assert report is None  # nothing was counted, so flush() made no window (it would hold the eval tokens)
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
