@@ -86,7 +86,7 @@ class PrometheusExporter:
 
     @property
     def pushgateway_url(self) -> str | None:
-        return self._pusher.url if self._pusher else None
+        return self._pusher.display_url if self._pusher else None  # password masked
 
     def bind(self, monitor: Any) -> None:
         self.collector.bind(monitor)
