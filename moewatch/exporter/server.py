@@ -115,7 +115,7 @@ def _start(
         metrics_app = split_app(metrics_app, static)
     page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
     httpd = GuardedWSGIServer(addr, route(metrics_app, page), family=family, ssl_context=context)
-    thread = threading.Thread(target=httpd.serve_forever, name="moewatch-metrics", daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), name="moewatch-metrics", daemon=True)
     thread.start()
     port = int(httpd.server_address[1])
     _OWN_PORTS.add(port)
