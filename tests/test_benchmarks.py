@@ -43,3 +43,14 @@ def test_scale_runs_tiny() -> None:
     text = _run("benchmarks/scale.py", "--layers", "3", "--experts", "16", "--top-k", "2", "--tokens", "32",
                 "--repeats", "2")
     assert "window close" in text and "per-expert" in text and "monitor device buffers" in text
+
+
+def test_alert_outage_runs_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "o.json"
+    text = _run(
+        "benchmarks/alert_outage.py", "--outage", "2", "--backoff-max", "0.3", "--window-s", "0.4",
+        "--json", str(out), timeout=60,
+    )
+    assert "| slack | 1 | 0 | 0 |" in text
+    data = json.loads(out.read_text())
+    assert {n: r["delivered"] for n, r in data["notifiers"].items()} == {"slack": 1, "pagerduty": 1, "webhook": 1}
