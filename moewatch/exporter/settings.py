@@ -32,7 +32,17 @@ class PrometheusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="Serve /metrics while the monitor is attached.")
-    host: str = Field("0.0.0.0", description="Address to bind.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Address to bind. The default listens on all interfaces (the exporter convention, so a "
+        "Prometheus on another host can scrape); use 127.0.0.1 to keep it local, and web_config_file for TLS "
+        "and basic auth.",
+    )
+    web_config_file: Path | None = Field(
+        None,
+        description="Prometheus exporter-toolkit style web config (YAML): tls_server_config.cert_file/key_file "
+        "and basic_auth_users {user: bcrypt hash}.",
+    )
     port: int = Field(9405, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     per_expert: bool = Field(
         True,
