@@ -103,6 +103,7 @@ class MoEWatchConfig(BaseSettings):
         env_prefix="MOEWATCH_",
         env_nested_delimiter="__",
         extra="forbid",
+        hide_input_in_errors=True,  # a misspelled or mistyped secret field must not be echoed
         validate_default=True,
         arbitrary_types_allowed=True,
     )
@@ -210,13 +211,20 @@ class MoEWatchConfig(BaseSettings):
         return self.jsonl.path or Path("moewatch-runs") / self.run_name / "windows.jsonl"
 
 
+_SECRET_FIELDS = frozenset(
+    {"slack_webhook_url", "pagerduty_routing_key", "webhook_url", "webhook_bearer_token", "url", "password"}
+)
+
+
 def format_validation_error(exc: ValidationError, source: str = "MoEWatchConfig") -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(root)"
         env = "MOEWATCH_" + "__".join(str(x) for x in err["loc"]).upper()
         got = err.get("input")
-        got_s = "" if isinstance(got, Mapping) else f" (got {got!r})"
+        # Never echo a value that may be a secret: unknown keys (a misspelled secret field), secret fields.
+        hidden = err["type"] == "extra_forbidden" or any(str(x) in _SECRET_FIELDS for x in err["loc"])
+        got_s = " (value hidden)" if hidden else "" if isinstance(got, Mapping) else f" (got {got!r})"
         lines.append(f"  {loc}: {err['msg']}{got_s}; set it in code, the config file or ${env}")
     return f"invalid moewatch configuration from {source}:\n" + "\n".join(lines)
 

@@ -54,3 +54,14 @@ def test_early_warning_runs_tiny() -> None:
 
 def test_cli_startup_runs() -> None:
     assert "moewatch --help" in _run("benchmarks/cli_startup.py", "--repeat", "1")
+
+
+def test_alert_outage_runs_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "o.json"
+    text = _run(
+        "benchmarks/alert_outage.py", "--outage", "2", "--backoff-max", "0.3", "--window-s", "0.4",
+        "--json", str(out), timeout=60,
+    )
+    assert "| slack | 1 | 0 | 0 |" in text
+    data = json.loads(out.read_text())
+    assert {n: r["delivered"] for n, r in data["notifiers"].items()} == {"slack": 1, "pagerduty": 1, "webhook": 1}

@@ -157,3 +157,20 @@ def test_routes() -> None:
             assert r.status_code == 404 and "moewatch_windows_total" not in r.text, path
     finally:
         ex.close()
+
+
+def test_more_idle_clients_than_connection_slots_cannot_lock_scrapers_out(cert: tuple[Path, Path]) -> None:
+    c, k = cert
+    ex = PrometheusExporter("flood", PrometheusConfig(host="127.0.0.1", port=0, certfile=c, keyfile=k))
+    slots = ex._server.httpd.max_connections
+    idle = _idle(ex.port, slots + 8)  # every slot held, and more waiting
+    try:
+        time.sleep(0.5)
+        for _ in range(3):
+            r = requests.get(ex.url, verify=str(c), timeout=3)  # the oldest idle connection makes room
+            assert r.status_code == 200
+        assert ex._server.httpd.evicted >= 8
+    finally:
+        for s in idle:
+            s.close()
+        ex.close()

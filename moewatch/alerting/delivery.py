@@ -337,7 +337,7 @@ class DeliveryWorker:
         self.stats.add("dropped", n)
         log.warning(
             "moewatch: %s: %d notification(s) still undelivered at close, after alerts.close_timeout; dropped "
-            "(counted as dropped in moewatch_alert_notifications_total)", self.name, n,
+            "(counted in moewatch_notifications_total{outcome='dropped'})", self.name, n,
         )
 
     # --- worker thread -----------------------------------------------------------------------------

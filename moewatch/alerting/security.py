@@ -4,23 +4,53 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from urllib.parse import urlsplit
+import re
+from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
 from moewatch.config import ConfigError
 
 __all__ = ["check_url", "is_loopback", "redact", "register_secrets"]
 
 
+def _forms(secret: str) -> set[str]:
+    """``secret`` as it may appear in text: as is, percent-encoded (any case), and for URLs their path with
+    and without its leading slash, the path's long segments, the query and each query value."""
+    out = {secret}
+    if "://" in secret:
+        parts = urlsplit(secret)
+        path = parts.path.lstrip("/")
+        if len(path) > 1:
+            out.add("/" + path)
+            if len(path) >= 8:
+                out.add(path)
+            out |= {seg for seg in path.split("/") if len(seg) >= 8 and not seg.isalpha()}
+        if parts.query:
+            out.add(parts.query)
+            out |= {v for _, v in parse_qsl(parts.query, keep_blank_values=True) if len(v) >= 4}
+        if parts.password:
+            out.add(parts.password)
+    for form in list(out):
+        for enc in (quote(form, safe=""), quote(form), quote_plus(form)):
+            if enc != form:
+                out |= {enc, enc.lower(), _upper_hex(enc)}
+    return {f for f in out if f}
+
+
+def _upper_hex(text: str) -> str:
+    return re.sub(r"%[0-9a-fA-F]{2}", lambda m: m.group(0).upper(), text)
+
+
 def redact(text: str, secrets: list[str]) -> str:
-    """Replace every secret (and, for URLs, their path) in ``text`` by ``<redacted>``."""
-    for s in secrets:
-        if not s:
-            continue
-        text = text.replace(s, "<redacted>")
-        if "://" in s:
-            path = s.split("://", 1)[1].partition("/")[2]
-            if len(path) > 1:
-                text = text.replace("/" + path, "/<redacted>")
+    """Replace every secret (``secrets`` and those given to :func:`register_secrets`) in ``text`` by
+    ``<redacted>``, in any form it may take there (see ``_forms``):
+    longest forms first, so a URL goes whole and its parts are caught where it was cut up."""
+    every = set(secrets) | _FILTER.secrets  # also every registered secret: a service may echo another's
+    forms = sorted({f for s in every if s for f in _forms(s)}, key=len, reverse=True)
+    for form in forms:
+        if form in text:
+            text = text.replace(form, "<redacted>")
+        elif "%" in form and form.lower() in text.lower():
+            text = re.sub(re.escape(form), "<redacted>", text, flags=re.IGNORECASE)
     return text
 
 

@@ -149,9 +149,14 @@ def _train(opts: DemoOptions, cfg: MoEWatchConfig) -> DemoResult:
         cfg.jsonl_path.unlink()
     start = time.perf_counter()
     with moewatch.attach(model, optimizer=opt, config=cfg, sinks=sinks) as watch:
-        urls = [s.url for s in watch.sinks if isinstance(getattr(s, "url", None), str)]
-        for url in urls:
-            _say(f"moewatch: metrics served at {url}")
+        servers = [s for s in watch.sinks if isinstance(getattr(s, "url", None), str)]
+        urls = [s.url for s in servers]
+        for s in servers:
+            bound = getattr(s, "bind_address", None) or "?"
+            everywhere = bound.startswith(("0.0.0.0:", "[::]:"))
+            _say(
+                f"moewatch: metrics served at {s.url} (bound to {bound}{', all interfaces' if everywhere else ''})"
+            )
         for _ in range(opts.steps):
             x_TD, y_TD = data.batch(opts.tokens_per_step)
             loss = torch.nn.functional.mse_loss(model(x_TD), y_TD)

@@ -294,7 +294,7 @@ class MoEWatchCollector(Collector):
     def _notifications(self, with_samples: bool) -> Iterator[Metric]:
         fam = CounterMetricFamily(
             "moewatch_notifications",
-            "Alert notifications by notifier and outcome (sent, failed, retried, dropped).",
+            "Alert notifications by notifier and outcome (sent, failed, retried, dropped, coalesced).",
             labels=["run", "notifier", "outcome"],
         )
         if with_samples:

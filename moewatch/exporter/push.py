@@ -9,7 +9,7 @@ import threading
 from prometheus_client import push_to_gateway
 from prometheus_client.registry import CollectorRegistry
 
-from moewatch.exporter.settings import PushgatewayConfig
+from moewatch.exporter.settings import PushgatewayConfig, mask_password
 
 __all__ = ["Pusher", "default_rank"]
 
@@ -42,7 +42,8 @@ class Pusher:
     def __init__(self, config: PushgatewayConfig, registry: CollectorRegistry, run: str, rank: int) -> None:
         assert config.url is not None
         self.config = config
-        self.url = config.url
+        self.url = config.url  # may hold a password: log display_url
+        self.display_url = mask_password(config.url) or ""
         self.grouping_key = {"run": run, "rank": str(rank)}
         self._registry = registry
         self._wake = threading.Condition()
@@ -66,7 +67,7 @@ class Pusher:
             self._wake.notify()
         self._thread.join(self.config.timeout_s + 1.0)
         if self._thread.is_alive():
-            log.warning("moewatch: final push to %s did not finish in %.1fs", self.url, self.config.timeout_s)
+            log.warning("moewatch: final push to %s did not finish in %.1fs", self.display_url, self.config.timeout_s)
 
     def _loop(self) -> None:
         while True:
@@ -95,13 +96,25 @@ class Pusher:
                 log.warning(
                     "moewatch: push to Pushgateway %s failed (%s: %s); retrying at the next window. "
                     "Check pushgateway.url (MOEWATCH_PUSHGATEWAY__URL)",
-                    self.url,
+                    self.display_url,
                     type(exc).__name__,
-                    exc,
+                    _redact_url(str(exc), self.url, self.display_url),
                 )
             self._failing = True
             return
         self.stats["success"] += 1
         if self._failing:
-            log.info("moewatch: pushes to %s succeed again", self.url)
+            log.info("moewatch: pushes to %s succeed again", self.display_url)
         self._failing = False
+
+
+def _redact_url(text: str, url: str, shown: str) -> str:
+    """``text`` (an exception's message) without the URL's password."""
+    from urllib.parse import quote, urlsplit
+
+    text = text.replace(url, shown)
+    password = urlsplit(url).password
+    if password:
+        for form in {password, quote(password, safe="")}:
+            text = text.replace(form, "<redacted>")
+    return text

@@ -78,11 +78,26 @@ def start_metrics_server(
                 f"moewatch: prometheus.{key} {path} does not exist; set MOEWATCH_PROMETHEUS__{key.upper()} "
                 "to a readable PEM file"
             )
+    web = None
+    if config.web_config_file is not None:
+        from moewatch.exporter.webconfig import load_web_config
+
+        web = load_web_config(config.web_config_file)
+        if web.tls_server_config is not None:
+            tls = web.tls_server_config
+            for key, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+                if not path.is_file():
+                    raise ConfigError(
+                        f"moewatch: prometheus.web_config_file {config.web_config_file}: tls_server_config.{key} "
+                        f"{path} does not exist; point it at a readable PEM file"
+                    )
+            config = config.model_copy(update={"certfile": tls.cert_file, "keyfile": tls.key_file})
+    users = web.basic_auth_users if web is not None else {}
     try:
-        return _start(config, registry, static)
+        return _start(config, registry, static, users)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE and config.port != 0 and config.port in _OWN_PORTS:
-            server = _start(config.model_copy(update={"port": 0}), registry, static)
+            server = _start(config.model_copy(update={"port": 0}), registry, static, users)
             log.warning(
                 "moewatch: port %d is already served by another moewatch monitor in this process (a notebook "
                 "re-run or a second model?); serving this one at %s instead. Close the other monitor first, or "
@@ -102,7 +117,10 @@ def start_metrics_server(
 
 
 def _start(
-    config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None
+    config: PrometheusConfig,
+    registry: CollectorRegistry,
+    static: Callable[[bool], bytes] | None,
+    users: dict[str, str] | None = None,
 ) -> MetricsServer:
     """Bind and serve; OSError (busy port, bad host, unreadable certificate) goes to the caller."""
     context = None
@@ -114,12 +132,20 @@ def _start(
     if static is not None:
         metrics_app = split_app(metrics_app, static)
     page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
-    httpd = GuardedWSGIServer(addr, route(metrics_app, page), family=family, ssl_context=context)
-    thread = threading.Thread(target=httpd.serve_forever, name="moewatch-metrics", daemon=True)
+    app = route(metrics_app, page)
+    if users:
+        from moewatch.exporter.webconfig import with_basic_auth
+
+        app = with_basic_auth(app, users)
+    httpd = GuardedWSGIServer(addr, app, family=family, ssl_context=context)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.1,), name="moewatch-metrics", daemon=True)
     thread.start()
     port = int(httpd.server_address[1])
     _OWN_PORTS.add(port)
     scheme = "https" if config.certfile else "http"
     url = f"{scheme}://{_url_host(config.host)}:{port}/metrics"
-    log.info("moewatch: serving Prometheus metrics at %s", url)
+    bound = httpd.server_address[0]
+    where = " (all interfaces: reachable from other hosts)" if bound in ("0.0.0.0", "::") else ""
+    auth = ", basic auth" if users else ""
+    log.info("moewatch: serving Prometheus metrics at %s, bound to %s:%d%s%s", url, bound, port, where, auth)
     return MetricsServer(httpd, thread, config.host, port, url)

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
-__all__ = ["PrometheusConfig", "PushgatewayConfig"]
+__all__ = ["PrometheusConfig", "PushgatewayConfig", "mask_password"]
+
+
+def mask_password(url: str | None) -> str | None:
+    """``url`` with the password of its userinfo (``http://user:pw@host``) replaced by ``<redacted>``."""
+    if not url:
+        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:<redacted>@{netloc[2]}"))
+    except ValueError:
+        return "<unparsable URL, hidden>"
 
 
 class PrometheusConfig(BaseModel):
@@ -15,7 +32,17 @@ class PrometheusConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = Field(True, description="Serve /metrics while the monitor is attached.")
-    host: str = Field("0.0.0.0", description="Address to bind.")
+    host: str = Field(
+        "0.0.0.0",
+        description="Address to bind. The default listens on all interfaces (the exporter convention, so a "
+        "Prometheus on another host can scrape); use 127.0.0.1 to keep it local, and web_config_file for TLS "
+        "and basic auth.",
+    )
+    web_config_file: Path | None = Field(
+        None,
+        description="Prometheus exporter-toolkit style web config (YAML): tls_server_config.cert_file/key_file "
+        "and basic_auth_users {user: bcrypt hash}.",
+    )
     port: int = Field(9405, ge=0, le=65535, description="Port to bind; 0 picks a free one.")
     per_expert: bool = Field(
         True,
@@ -45,6 +72,14 @@ class PushgatewayConfig(BaseModel):
         None, description="Pushgateway base URL, e.g. http://127.0.0.1:9091; unset = off."
     )
     job: str = Field("moewatch", min_length=1, description="The `job` label of pushed groups.")
+
+    @field_serializer("url")
+    def _dump_url(self, url: str | None) -> str | None:
+        return mask_password(url)  # dumps and reprs never show a password in the URL
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for key, value in super().__repr_args__():
+            yield key, mask_password(value) if key == "url" else value
     timeout_s: float = Field(
         5.0, gt=0, description="HTTP timeout of one push, in seconds (pushes run on a background thread)."
     )

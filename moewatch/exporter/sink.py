@@ -85,8 +85,16 @@ class PrometheusExporter:
         return self._server.port if self._server else None
 
     @property
+    def bind_address(self) -> str | None:
+        """The address the server really listens on, e.g. ``0.0.0.0:9405`` (``url`` is one to reach it by)."""
+        if self._server is None:
+            return None
+        host = str(self._server.httpd.server_address[0])
+        return f"[{host}]:{self._server.port}" if ":" in host else f"{host}:{self._server.port}"
+
+    @property
     def pushgateway_url(self) -> str | None:
-        return self._pusher.url if self._pusher else None
+        return self._pusher.display_url if self._pusher else None  # password masked
 
     def bind(self, monitor: Any) -> None:
         self.collector.bind(monitor)
