@@ -93,7 +93,11 @@ class ConsoleConfig(BaseModel):
 
 
 def _default_run_name() -> str:
-    return "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    # Unique per process (four jobs started in one second must not share a run label or a JSONL file);
+    # the ranks of one torchrun job share TORCHELASTIC_RUN_ID.
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    suffix = job if job and job != "none" else os.urandom(3).hex()
+    return "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + suffix
 
 
 class MoEWatchConfig(BaseSettings):
