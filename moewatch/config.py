@@ -8,6 +8,7 @@ a TOML or YAML file whose keys are the field names below (sections for nested mo
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moewatch.alerting.settings import AlertsConfig
+from moewatch.confighints import closest_field, unknown_env_vars
 from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
 from moewatch.trend_settings import EarlyWarningConfig
 
@@ -92,7 +94,11 @@ class ConsoleConfig(BaseModel):
 
 
 def _default_run_name() -> str:
-    return "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    # Unique per process (four jobs started in one second must not share a run label or a JSONL file);
+    # the ranks of one torchrun job share TORCHELASTIC_RUN_ID.
+    job = os.environ.get("TORCHELASTIC_RUN_ID")
+    suffix = job if job and job != "none" else os.urandom(3).hex()
+    return "run-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + suffix
 
 
 class MoEWatchConfig(BaseSettings):
@@ -225,6 +231,10 @@ def format_validation_error(exc: ValidationError, source: str = "MoEWatchConfig"
         # Never echo a value that may be a secret: unknown keys (a misspelled secret field), secret fields.
         hidden = err["type"] == "extra_forbidden" or any(str(x) in _SECRET_FIELDS for x in err["loc"])
         got_s = " (value hidden)" if hidden else "" if isinstance(got, Mapping) else f" (got {got!r})"
+        hint = closest_field(MoEWatchConfig, err["loc"]) if err["type"] == "extra_forbidden" else None
+        if err["type"] == "extra_forbidden":  # an unknown key has no environment variable: name a real one
+            lines.append(f"  {loc}: {err['msg']}{got_s}; " + (hint or "remove it (see the README's Configuration)"))
+            continue
         lines.append(f"  {loc}: {err['msg']}{got_s}; set it in code, the config file or ${env}")
     return f"invalid moewatch configuration from {source}:\n" + "\n".join(lines)
 
@@ -235,6 +245,9 @@ def build_config(
     """Merge keyword overrides into ``config`` (or a fresh one read from the environment)."""
     try:
         if config is None:
+            unknown = unknown_env_vars(MoEWatchConfig, os.environ)
+            if unknown:
+                raise ConfigError("unknown MOEWATCH_* environment variable(s):\n" + "\n".join(unknown))
             return MoEWatchConfig(**overrides)
         if not overrides:
             return config

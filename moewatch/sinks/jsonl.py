@@ -13,6 +13,21 @@ __all__ = ["JsonlSink"]
 log = logging.getLogger(__name__)
 
 
+def _lock(fh: IO[str]) -> bool:
+    """An exclusive advisory lock on ``fh`` for as long as it is open (False: another holder has it)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no check
+        return True
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks: no check
+        return True
+    return True
+
+
 class JsonlSink:
     """Appends ``report.model_dump_json()`` lines to ``path`` (parents created), flushed per window."""
 
@@ -26,6 +41,16 @@ class JsonlSink:
                 f"moewatch cannot write the JSONL log at {self.path}: {exc.strerror}; set jsonl.path "
                 "(MOEWATCH_JSONL__PATH) to a writable file or jsonl.enabled=false"
             ) from None
+        if not _lock(self._fh):
+            self._fh.close()
+            self._fh = None
+            from moewatch.config import ConfigError
+
+            raise ConfigError(
+                f"moewatch: the JSONL log {self.path} is being written by another live moewatch monitor; two runs "
+                "would interleave their windows. Give this run its own run_name (MOEWATCH_RUN_NAME) or jsonl.path "
+                "(MOEWATCH_JSONL__PATH), or close the other monitor"
+            )
         self._failed = False
 
     def emit(self, report: WindowReport) -> None:
