@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tests.ci import require_module
+
 __all__ = [
     "gloo_world",
     "megablocks_router_module",
@@ -37,13 +39,7 @@ __all__ = [
 
 def require(name: str) -> types.ModuleType:
     """Import ``name``; skip when it is missing, fail instead when ``CI=true``."""
-    try:
-        return importlib.import_module(name)
-    except Exception as exc:  # ImportError, or a broken install raising anything at import time
-        msg = f"{name} is not importable ({type(exc).__name__}: {exc}); install requirements-frameworks.txt"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+    return require_module(name, "install requirements-frameworks.txt")
 
 
 def _free_port() -> int:

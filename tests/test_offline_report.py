@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 
 from moewatch.cli import main
 from moewatch.offline_report import load_run, render_html
+from tests.ci import missing, require_module
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Chromium's own service traffic (network time, component updater, sign-in), which the flags below do not
@@ -38,9 +38,7 @@ def _page_requests(seen: list[str]) -> list[str]:
 
 def _need_chromium() -> str:
     if CHROMIUM is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("chromium is not installed; .ci/run installs Debian's chromium package")
-        pytest.skip("chromium not installed (apt-get install chromium)")
+        missing("chromium is not installed (apt-get install chromium; .ci/run does)")
     return CHROMIUM
 
 
@@ -190,8 +188,7 @@ def test_optional_fields_are_rendered_when_present(tmp_path: Path) -> None:
 
 
 def test_png_export_writes_one_non_blank_image_per_layer(demo_log: Path, tmp_path: Path) -> None:
-    if os.environ.get("CI") != "true":
-        pytest.importorskip("matplotlib")
+    require_module("matplotlib", 'pip install -e ".[report]"')
     assert main(["report", str(demo_log), "--png", str(tmp_path / "png"), "-o", str(tmp_path / "r.html")]) == 0
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert [p.name for p in pngs] == ["layer-000.png", "layer-001.png"]
