@@ -23,7 +23,8 @@ __all__ = ["build_parser", "main"]
 _STYLE = {"healthy": "green", "warning": "yellow", "collapsed": "bold red", "insufficient_data": "dim"}
 
 
-def _positive(kind: type) -> object:
+def positive(kind: type) -> object:
+    """argparse ``type=`` for a number above 0 (used by every subcommand)."""
     def parse(text: str) -> object:
         value = kind(text)
         if value <= 0:
@@ -41,14 +42,14 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "reproduces router collapse (the winners' feedback loop starves the other experts); bias and aux keep "
         "it balanced.",
     )
-    p.add_argument("--experts", type=_positive(int), default=8, help="experts per layer (default 8)")
-    p.add_argument("--top-k", type=_positive(int), default=2, help="experts per token (default 2)")
-    p.add_argument("--layers", type=_positive(int), default=2, help="MoE layers (default 2)")
-    p.add_argument("--tokens-per-step", type=_positive(int), default=64, help="tokens per step (default 64)")
-    p.add_argument("--steps", type=_positive(int), default=300, help="optimizer steps (default 300)")
+    p.add_argument("--experts", type=positive(int), default=8, help="experts per layer (default 8)")
+    p.add_argument("--top-k", type=positive(int), default=2, help="experts per token (default 2)")
+    p.add_argument("--layers", type=positive(int), default=2, help="MoE layers (default 2)")
+    p.add_argument("--tokens-per-step", type=positive(int), default=64, help="tokens per step (default 64)")
+    p.add_argument("--steps", type=positive(int), default=300, help="optimizer steps (default 300)")
     p.add_argument(
         "--window",
-        type=_positive(int),
+        type=positive(int),
         default=None,
         help="steps per moewatch window (default: MOEWATCH_WINDOW_STEPS or the config file's window_steps, else 10)",
     )

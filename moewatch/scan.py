@@ -265,14 +265,9 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
+    from moewatch.cli import positive
+
     p = sub.add_parser(
         "scan",
         help="router health of a saved checkpoint (no training run)",
@@ -282,9 +277,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("path", type=Path, help="checkpoint directory (save_pretrained) or state_dict file")
     p.add_argument("--text", type=Path, default=None, help="text file tokenized with the checkpoint's tokenizer")
-    p.add_argument("--batches", type=_positive_int, default=8, help="forward passes (default 8)")
-    p.add_argument("--batch-size", type=_positive_int, default=4, help="sequences per batch (default 4)")
-    p.add_argument("--seq-len", type=_positive_int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--batches", type=positive(int), default=8, help="forward passes (default 8)")
+    p.add_argument("--batch-size", type=positive(int), default=4, help="sequences per batch (default 4)")
+    p.add_argument("--seq-len", type=positive(int), default=128, help="tokens per sequence (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed for random tokens (default 0)")
     p.add_argument("--json", type=Path, default=None, help="write the report (one JSONL-log line) here")
     p.add_argument(
