@@ -47,6 +47,9 @@ class WindowFlusher:
         self._group = group
         self._pending: _Pending | None = None
 
+    def release_group(self) -> None:
+        self._group = None
+
     def close_window(self, meta: WindowMeta, blocking: bool) -> Ready | None:
         """Take the window off the device and zero the buffers. Returns the host counts, or ``None`` while a
         non-blocking copy is under way (``poll``/``finish`` hand it over later)."""

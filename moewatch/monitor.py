@@ -85,6 +85,7 @@ class Monitor:
         self._window_start_time = time.time()
         self.history = RouterHistory(self._routers)
         self._closed = False
+        self._detached = False
         self._manual_steps = False
         self._root_handle: Any = None
         self._root_forwards = 0
@@ -177,17 +178,27 @@ class Monitor:
             if mismatch is None and (self._step > self._window_start_step or leftover):
                 self._end_window(blocking=True)
         finally:
-            self._remove_hooks()
-            model = self._model_ref()
-            if model is not None:
-                _ATTACHED.pop(model, None)
-            for sink in self._sinks:
-                try:
-                    sink.close()
-                except Exception:  # noqa: BLE001 - a sink must not break close()
-                    log.exception("moewatch: closing sink %s failed", type(sink).__name__)
+            self._detach()
         if mismatch is not None:
             raise mismatch
+
+    def _detach(self) -> None:
+        """Remove every hook, close the sinks and let go of the process group (a monitor that still held
+        it would keep gloo's threads alive past ``destroy_process_group``, into interpreter shutdown)."""
+        if self._detached:
+            return
+        self._detached = self._closed = True
+        self._remove_hooks()
+        model = self._model_ref()
+        if model is not None:
+            _ATTACHED.pop(model, None)
+        for sink in self._sinks:
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001 - a sink must not break close()
+                log.exception("moewatch: closing sink %s failed", type(sink).__name__)
+        self._group = None
+        self._flusher.release_group()
 
     def on_alert(self, callback: Callable[..., Any]) -> None:
         """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (the same
@@ -370,7 +381,10 @@ class Monitor:
         try:
             ready = self._flusher.close_window(meta, blocking)
         except StepMismatchError:
-            raise  # a configuration error that every rank sees at the same window: never a silent mix
+            # A configuration error that every rank sees at the same window: never a silent mix. Every
+            # later window would mismatch too, so the monitor detaches (close() is then a no-op).
+            self._detach()
+            raise
         except Exception:
             if self.config.strict:
                 raise
