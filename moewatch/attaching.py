@@ -3,6 +3,7 @@ importing it never replaces ``moewatch.attach`` on the lazily loaded package).""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -10,10 +11,11 @@ import torch
 from torch import nn
 
 from moewatch.adapters.discovery import discover_routers
+from moewatch.alerting.sink import callback_alert_sink
 from moewatch.config import ConfigError, MoEWatchConfig, build_config
 from moewatch.monitor import Monitor, check_not_attached
-from moewatch.sinks import build_sinks
 from moewatch.sinks.base import Sink
+from moewatch.sinks.factory import build_sinks
 
 __all__ = ["attach"]
 
@@ -66,7 +68,15 @@ def attach(
     reporting = process_group is None or torch.distributed.get_rank(process_group) == 0
     all_sinks = (build_sinks(cfg) if reporting else []) + list(sinks or [])
     try:
-        monitor = Monitor(model, specs, cfg, optimizer=optimizer, sinks=all_sinks, process_group=process_group)
+        monitor = Monitor(
+            model,
+            specs,
+            cfg,
+            optimizer=optimizer,
+            sinks=all_sinks,
+            process_group=process_group,
+            alert_sink_factory=functools.partial(callback_alert_sink, cfg),
+        )
     except BaseException:
         for s in all_sinks:
             s.close()

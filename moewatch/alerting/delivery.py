@@ -33,6 +33,7 @@ import requests
 from moewatch.alerting.model import Notification
 from moewatch.alerting.security import redact, register_secrets
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
+from moewatch.sinks.base import DELIVERY_OUTCOMES
 
 __all__ = [
     "DeliveryResult",
@@ -99,18 +100,24 @@ class RetryPolicy:
 
 
 class DeliveryStats:
-    """Thread-safe counters: sent, failed, retried, dropped (never delivered: queue full, or left at close),
-    coalesced (merged into a newer notification of the same group before it could be delivered)."""
+    """Thread-safe counters of :data:`~moewatch.sinks.base.DELIVERY_OUTCOMES`. ``listeners`` are called
+    (on the counting thread, outside the lock) after every change."""
 
-    FIELDS = ("sent", "failed", "retried", "dropped", "coalesced")
+    FIELDS = DELIVERY_OUTCOMES
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(self.FIELDS, 0)
+        self.listeners: list[Callable[[], None]] = []
 
     def add(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n
+        for listener in list(self.listeners):
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a listener must not break delivery
+                log.exception("moewatch: delivery stats listener %r failed", listener)
 
     def as_dict(self) -> dict[str, int]:
         with self._lock:

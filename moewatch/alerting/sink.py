@@ -7,9 +7,11 @@ import hashlib
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from moewatch.alerting.callbacks import AlertCallback, CallbackDispatcher
 from moewatch.alerting.delivery import DeliveryWorker, HttpNotifier, RetryPolicy
 from moewatch.alerting.engine import AlertEngine
 from moewatch.alerting.model import Notification
@@ -19,9 +21,9 @@ from moewatch.alerting.settings import AlertsConfig
 from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
 from moewatch.report import WindowReport
 
-__all__ = ["AlertSink", "build_notifiers", "make_alert_sink"]
+__all__ = ["AlertSink", "build_notifiers", "callback_alert_sink", "make_alert_sink"]
 
-log = logging.getLogger("moewatch.alerts")
+log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 
@@ -53,11 +55,15 @@ def build_notifiers(cfg: AlertsConfig) -> list[HttpNotifier]:
 
 
 class AlertSink:
-    """A moewatch sink that evaluates alerts on every window report and sends notifications.
+    """A moewatch sink that evaluates alerts on every window report, sends notifications and calls the
+    ``on_alert`` callbacks.
 
     ``emit`` costs the training loop one engine evaluation and a queue append per notifier; it never
     waits on the network. ``state_dict``/``load_state_dict`` carry open incidents across a restart.
+    ``log_notifications`` overrides ``config.log_notifications`` (None: the config decides).
     """
+
+    name = "alerts"
 
     def __init__(
         self,
@@ -65,14 +71,18 @@ class AlertSink:
         thresholds: Thresholds | None = None,
         *,
         notifiers: list[HttpNotifier] | None = None,
+        log_notifications: bool | None = None,
     ) -> None:
         self.config = config
         self.engine = AlertEngine(config, thresholds)
         http = build_notifiers(config) if notifiers is None else notifiers
         policy = RetryPolicy.from_config(config)
         self.workers = [DeliveryWorker(n, policy, config.queue_size) for n in http]
-        use_log = config.log_notifications if config.log_notifications is not None else not http
+        if log_notifications is None:
+            log_notifications = config.log_notifications
+        use_log = log_notifications if log_notifications is not None else not http
         self.log_notifier = LogNotifier() if use_log else None
+        self.callbacks: CallbackDispatcher | None = None
         self._incidents: dict[str, str] = {}
         self._closed = False
         self._atexit = None
@@ -98,6 +108,14 @@ class AlertSink:
             return
         if notification is not None:
             self.dispatch(notification)
+            if self.callbacks is not None:
+                self.callbacks.submit(notification, report)
+
+    def add_alert_callback(self, callback: AlertCallback) -> None:
+        """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (worker thread)."""
+        if self.callbacks is None:
+            self.callbacks = CallbackDispatcher()
+        self.callbacks.add(callback)
 
     def dispatch(self, notification: Notification) -> None:
         """Hand ``notification`` to every notifier subscribed to something in it (non-blocking)."""
@@ -129,6 +147,11 @@ class AlertSink:
         """Per notifier: messages sent and failed, retries, notifications dropped (queue full or closed)."""
         return {w.name: w.stats.as_dict() for w in self.workers}
 
+    def on_delivery(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (on a delivery thread) whenever a delivery counter changes."""
+        for w in self.workers:
+            w.stats.listeners.append(callback)
+
     def close(self) -> None:
         """Deliver what is queued within ``alerts.close_timeout`` seconds, then return regardless."""
         if self._closed:
@@ -136,6 +159,8 @@ class AlertSink:
         self._closed = True
         if self._atexit is not None:
             atexit.unregister(self._atexit)
+        if self.callbacks is not None:
+            self.callbacks.close(self.config.close_timeout)
         deadline = time.monotonic() + self.config.close_timeout
         for w in self.workers:
             w.request_close(deadline)
@@ -163,3 +188,9 @@ def make_alert_sink(cfg: MoEWatchConfig) -> AlertSink | None:
     if not cfg.alerts.enabled:
         return None
     return AlertSink(cfg.alerts, cfg.thresholds)
+
+
+def callback_alert_sink(cfg: MoEWatchConfig) -> AlertSink:
+    """The sink ``watch.on_alert`` adds when alerts are disabled: the same engine and rules, no notifier
+    and no log lines, only the callbacks."""
+    return AlertSink(cfg.alerts, cfg.thresholds, notifiers=[], log_notifications=False)

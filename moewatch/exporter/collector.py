@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -21,13 +19,13 @@ from prometheus_client.registry import Collector
 
 from moewatch.exporter.exposition import SPLIT, escape_label, gzip_member, render_family_text
 from moewatch.report import STATE_VALUES, LayerReport, WindowReport
+from moewatch.sinks.base import DELIVERY_OUTCOMES, MonitorStats
 
-__all__ = ["LAYER_GAUGES", "LAYER_LABELS", "MoEWatchCollector", "NOTIFICATION_OUTCOMES"]
+__all__ = ["LAYER_GAUGES", "LAYER_LABELS", "MoEWatchCollector"]
 
 log = logging.getLogger(__name__)
 
 LAYER_LABELS = ("run", "layer", "module")
-NOTIFICATION_OUTCOMES = ("sent", "failed", "retried", "dropped")
 
 #: (metric name, LayerReport attribute, help). Undefined values (None) are left out of the scrape.
 LAYER_GAUGES: tuple[tuple[str, str, str], ...] = (
@@ -131,10 +129,10 @@ def _fold(prev: _Snapshot | None, report: WindowReport) -> _Snapshot:
 def _versions() -> dict[str, str]:
     import torch
 
-    import moewatch
+    from moewatch._version import __version__
 
     return {
-        "version": moewatch.__version__,
+        "version": __version__,
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
     }
@@ -156,10 +154,9 @@ class MoEWatchCollector(Collector):
         self._snap: _Snapshot | None = None
         self._lock = threading.Lock()
         self._scrapes = 0
-        self._monitor: Callable[[], Any] = lambda: None
+        self._stats = MonitorStats()
         self._push_stats: Callable[[], dict[str, int]] | None = None
         self._build = _versions()
-        self._stats_failed: set[int] = set()
         self._cache: tuple[_Snapshot | None, list[Metric]] | None = None
         self._text_cache: dict[bool, tuple[_Snapshot | None, bytes]] = {}
         self._text_lock = threading.Lock()
@@ -171,9 +168,10 @@ class MoEWatchCollector(Collector):
         with self._lock:
             self._snap = _fold(self._snap, report)
 
-    def bind(self, monitor: Any) -> None:
-        """Read ``monitor.hook_errors`` and the delivery stats of ``monitor.sinks`` at scrape time."""
-        self._monitor = weakref.ref(monitor)
+    def update_stats(self, stats: MonitorStats) -> None:
+        """The monitor's own counters (hook errors, notification deliveries), served from the next scrape
+        on (any thread: one reference swap)."""
+        self._stats = stats
 
     def set_push_stats(self, stats: Callable[[], dict[str, int]]) -> None:
         self._push_stats = stats
@@ -266,7 +264,7 @@ class MoEWatchCollector(Collector):
             build.add_metric(run + list(self._build.values()), 1)
             windows.add_metric(run, snap.windows if snap else 0)
             tokens.add_metric(run, snap.tokens if snap else 0)
-            hook_errors.add_metric(run, self._hook_errors(snap))
+            hook_errors.add_metric(run, self._stats.hook_errors)
             scrape_c.add_metric(run, scrapes)
         yield from (build, windows, tokens, hook_errors, scrape_c)
         yield from self._notifications(with_samples)
@@ -285,37 +283,16 @@ class MoEWatchCollector(Collector):
             self._cache = (snap, fams)
         return fams
 
-    def _hook_errors(self, snap: _Snapshot | None) -> int:
-        monitor = self._monitor()
-        if monitor is not None:
-            return int(getattr(monitor, "hook_errors", 0))
-        return snap.report.hook_errors if snap else 0
-
     def _notifications(self, with_samples: bool) -> Iterator[Metric]:
         fam = CounterMetricFamily(
             "moewatch_notifications",
-            "Alert notifications by notifier and outcome (sent, failed, retried, dropped, coalesced).",
+            "Alert notifications by notifier and outcome (" + ", ".join(DELIVERY_OUTCOMES) + ").",
             labels=["run", "notifier", "outcome"],
         )
         if with_samples:
-            totals: dict[tuple[str, str], int] = {}
-            monitor = self._monitor()
-            for sink in getattr(monitor, "sinks", ()) if monitor is not None else ():
-                stats_fn = getattr(sink, "delivery_stats", None)
-                if not callable(stats_fn):
-                    continue
-                try:
-                    stats = stats_fn()
-                    for notifier, outcomes in stats.items():
-                        for outcome, n in outcomes.items():
-                            key = (str(notifier), str(outcome))
-                            totals[key] = totals.get(key, 0) + int(n)
-                except Exception as exc:  # noqa: BLE001 - a broken sink must not break the scrape
-                    if id(sink) not in self._stats_failed:
-                        self._stats_failed.add(id(sink))
-                        log.warning("moewatch: delivery_stats() of %s failed: %r", type(sink).__name__, exc)
-            for (notifier, outcome), n in sorted(totals.items()):
-                fam.add_metric([self.run, notifier, outcome], n)
+            for notifier, outcomes in sorted(self._stats.deliveries.items()):
+                for outcome, n in sorted(outcomes.items()):
+                    fam.add_metric([self.run, notifier, outcome], n)
         yield fam
 
     def _pushes(self, with_samples: bool) -> Iterator[Metric]:

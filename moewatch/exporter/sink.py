@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -14,6 +14,7 @@ from moewatch.exporter.push import Pusher, default_rank
 from moewatch.exporter.server import MetricsServer, start_metrics_server
 from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
 from moewatch.report import WindowReport
+from moewatch.sinks.base import MonitorStats
 
 if TYPE_CHECKING:
     from moewatch.config import MoEWatchConfig
@@ -40,6 +41,8 @@ class PrometheusExporter:
     (``port=0`` picks a free one), else ``None``. Only the reporting rank builds sinks, so a job group
     serves one endpoint.
     """
+
+    name = "prometheus"
 
     def __init__(
         self,
@@ -96,8 +99,8 @@ class PrometheusExporter:
     def pushgateway_url(self) -> str | None:
         return self._pusher.display_url if self._pusher else None  # password masked
 
-    def bind(self, monitor: Any) -> None:
-        self.collector.bind(monitor)
+    def update_stats(self, stats: MonitorStats) -> None:
+        self.collector.update_stats(stats)
 
     def emit(self, report: WindowReport) -> None:
         self.collector.update(report)

@@ -73,6 +73,8 @@ def wide_console() -> Console:
 class ConsoleSink:
     """Prints the table at every window end, or redraws one live table in place (``live=True``)."""
 
+    name = "console"
+
     def __init__(self, live: bool = False, max_layers: int = 64, console: Console | None = None) -> None:
         self.console = console or wide_console()
         self.max_layers = max_layers

@@ -31,6 +31,8 @@ def _lock(fh: IO[str]) -> bool:
 class JsonlSink:
     """Appends ``report.model_dump_json()`` lines to ``path`` (parents created), flushed per window."""
 
+    name = "jsonl"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
