@@ -19,11 +19,13 @@ if TYPE_CHECKING:
     from moewatch.adapters.discovery import NoRouterFoundError
     from moewatch.adapters.failures import RouterReadWarning
     from moewatch.attaching import attach
-    from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
+    from moewatch.config import MoEWatchConfig, Thresholds
+    from moewatch.errors import ConfigError, MoEWatchError
+    from moewatch.flush import StepMismatchError
     from moewatch.monitor import AlreadyAttachedError, Monitor
     from moewatch.report import HealthState, LayerReport, WindowReport
     from moewatch.resume import RouterMismatchError
-    from moewatch.sinks.base import Sink
+    from moewatch.sinks.base import MonitorStats, Sink
 
 _LAZY = {
     "RouterInfo": "moewatch.adapters.base",
@@ -31,7 +33,9 @@ _LAZY = {
     "NoRouterFoundError": "moewatch.adapters.discovery",
     "RouterReadWarning": "moewatch.adapters.failures",
     "attach": "moewatch.attaching",  # not moewatch.attach: importing that submodule would shadow the function
-    "ConfigError": "moewatch.config",
+    "ConfigError": "moewatch.errors",
+    "MoEWatchError": "moewatch.errors",
+    "StepMismatchError": "moewatch.flush",
     "MoEWatchConfig": "moewatch.config",
     "Thresholds": "moewatch.config",
     "AlreadyAttachedError": "moewatch.monitor",
@@ -40,6 +44,7 @@ _LAZY = {
     "LayerReport": "moewatch.report",
     "WindowReport": "moewatch.report",
     "RouterMismatchError": "moewatch.resume",
+    "MonitorStats": "moewatch.sinks.base",
     "Sink": "moewatch.sinks.base",
 }
 
@@ -49,13 +54,16 @@ __all__ = [
     "HealthState",
     "LayerReport",
     "MoEWatchConfig",
+    "MoEWatchError",
     "Monitor",
+    "MonitorStats",
     "NoRouterFoundError",
     "RouterInfo",
     "RouterReadWarning",
     "RouterMismatchError",
     "RouterOutput",
     "Sink",
+    "StepMismatchError",
     "Thresholds",
     "WindowReport",
     "attach",

@@ -12,7 +12,8 @@ from torch import nn
 
 from moewatch.adapters.discovery import discover_routers
 from moewatch.alerting.sink import callback_alert_sink
-from moewatch.config import ConfigError, MoEWatchConfig, build_config
+from moewatch.config import MoEWatchConfig, build_config
+from moewatch.errors import ConfigError
 from moewatch.monitor import Monitor, check_not_attached
 from moewatch.sinks.base import Sink
 from moewatch.sinks.factory import build_sinks

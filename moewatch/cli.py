@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moewatch._version import __version__
+from moewatch.cliargs import positive
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -21,17 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["build_parser", "main"]
 
 _STYLE = {"healthy": "green", "warning": "yellow", "collapsed": "bold red", "insufficient_data": "dim"}
-
-
-def positive(kind: type) -> object:
-    """argparse ``type=`` for a number above 0 (used by every subcommand)."""
-    def parse(text: str) -> object:
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

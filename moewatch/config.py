@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moewatch.alerting.settings import AlertsConfig
 from moewatch.confighints import closest_field, unknown_env_vars
+from moewatch.errors import ConfigError
 from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
 from moewatch.trend_settings import EarlyWarningConfig
 
@@ -37,10 +38,6 @@ __all__ = [
     "Thresholds",
     "format_validation_error",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and how to set it."""
 
 
 class Thresholds(BaseModel):

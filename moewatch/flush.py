@@ -12,12 +12,13 @@ import torch
 import torch.distributed as dist
 
 from moewatch.accumulator import Accumulator, WindowCounts
+from moewatch.errors import MoEWatchError
 from moewatch.window import WindowMeta
 
 __all__ = ["StepMismatchError", "WindowFlusher"]
 
 
-class StepMismatchError(RuntimeError):
+class StepMismatchError(MoEWatchError, RuntimeError):
     """Ranks closed a window at different step counts: their windows are not aligned."""
 
 

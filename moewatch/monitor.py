@@ -16,6 +16,7 @@ from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.adapters.failures import report_router_failure
 from moewatch.config import MoEWatchConfig
+from moewatch.errors import MoEWatchError
 from moewatch.flush import StepMismatchError, WindowFlusher
 from moewatch.optim import unwrap_optimizer
 from moewatch.report import WindowReport
@@ -45,7 +46,7 @@ log = logging.getLogger("moewatch")
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
 
 
-class AlreadyAttachedError(ValueError):
+class AlreadyAttachedError(MoEWatchError, ValueError):
     """A model can carry one monitor at a time."""
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from moewatch.errors import ConfigError
+
 __all__ = ["unwrap_optimizer"]
 
 # Attribute names under which known wrappers keep the optimizer they wrap, tried in this order.
@@ -38,7 +40,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
         chain.append(type(current).__name__)
     if isinstance(current, torch.optim.Optimizer):
         return current
-    raise ValueError(
+    raise ConfigError(
         f"moewatch: optimizer={' -> '.join(chain)} is not a torch.optim.Optimizer and wraps none moewatch can "
         f"find (looked in .{', .'.join(_INNER_ATTRS)}); pass the underlying torch optimizer "
         "(e.g. accelerate: opt.optimizer, DeepSpeed: engine.optimizer), or omit optimizer= and call "

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from moewatch.adapters.base import RouterInfo
+from moewatch.errors import MoEWatchError
 from moewatch.report import WindowReport
 
 __all__ = ["RouterHistory", "RouterMismatchError", "router_signature", "signature_difference"]
@@ -15,7 +16,7 @@ __all__ = ["RouterHistory", "RouterMismatchError", "router_signature", "signatur
 STATE_VERSION = 2
 
 
-class RouterMismatchError(ValueError):
+class RouterMismatchError(MoEWatchError, ValueError):
     """A saved monitor state belongs to a model with other routers."""
 
 

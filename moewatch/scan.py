@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moewatch.errors import MoEWatchError
 from moewatch.report import HealthState, WindowReport
 
 __all__ = ["ScanError", "register", "scan_checkpoint", "scan_state_dict"]
@@ -33,7 +34,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _CUMULATIVE_KEYS = ("cumulative_counts", "cumulative_counts_LE", "expert_counts", "counts_LE", "cumulative")
 
 
-class ScanError(ValueError):
+class ScanError(MoEWatchError, ValueError):
     """A scan input that cannot be read; the message says what to pass instead."""
 
 
@@ -266,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from moewatch.cli import positive
+    from moewatch.cliargs import positive
 
     p = sub.add_parser(
         "scan",

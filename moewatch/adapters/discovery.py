@@ -10,6 +10,7 @@ from torch import nn
 
 from moewatch.adapters.base import RouterOutput, RouterSpec, find_int_attr
 from moewatch.adapters.families import _E_NAMES, _K_NAMES, MATCHERS, linear_gate_spec
+from moewatch.errors import ConfigError, MoEWatchError
 
 __all__ = ["NoRouterFoundError", "discover_routers"]
 
@@ -22,7 +23,7 @@ _LOOKED_FOR = (
 )
 
 
-class NoRouterFoundError(ValueError):
+class NoRouterFoundError(MoEWatchError, ValueError):
     """The model holds nothing moewatch recognises as a router."""
 
 
@@ -47,7 +48,7 @@ def _custom_spec(name: str, module: nn.Module, parent: nn.Module | None, cfg: An
         e = module.out_features
     k = cfg.top_k or find_int_attr([module, parent], _K_NAMES) or 1
     if e is None:
-        raise ValueError(
+        raise ConfigError(
             f"moewatch: router {name!r} ({type(module).__name__}) uses a custom extractor but exposes no "
             "expert count; pass num_experts=E to attach()"
         )
@@ -73,7 +74,7 @@ def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
     """Routers in module order. With ``cfg.routers`` only the named modules are considered, and each of
     them must be readable (by a known family, ``cfg.extractor``, or as a Linear gate with ``cfg.top_k``)."""
     if cfg.extractor is not None and cfg.routers is None:
-        raise ValueError(
+        raise ConfigError(
             "moewatch: extractor= reads the modules named by routers=; pass both, e.g. "
             "attach(model, routers=['layers.*.moe.router'], extractor=fn)"
         )

@@ -7,7 +7,7 @@ import logging
 import re
 from urllib.parse import parse_qsl, quote, quote_plus, urlsplit
 
-from moewatch.config import ConfigError
+from moewatch.errors import ConfigError
 
 __all__ = ["check_url", "is_loopback", "redact", "register_secrets"]
 

@@ -18,7 +18,8 @@ from moewatch.alerting.model import Notification
 from moewatch.alerting.notifiers import LogNotifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from moewatch.alerting.security import check_url, register_secrets
 from moewatch.alerting.settings import AlertsConfig
-from moewatch.config import ConfigError, MoEWatchConfig, Thresholds
+from moewatch.config import MoEWatchConfig, Thresholds
+from moewatch.errors import ConfigError
 from moewatch.report import WindowReport
 
 __all__ = ["AlertSink", "build_notifiers", "callback_alert_sink", "make_alert_sink"]

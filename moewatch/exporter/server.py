@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
+from moewatch.errors import ConfigError
 from moewatch.exporter.exposition import split_app
 from moewatch.exporter.httpserver import GuardedWSGIServer, landing_page, route
 from moewatch.exporter.settings import PrometheusConfig
@@ -70,8 +71,6 @@ def start_metrics_server(
     """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ConfigError`` naming the port and
     the fix. A port that another monitor of this process serves (a notebook re-run, a second model) is not an
     error: this one is served on a free port instead, with a warning naming it."""
-    from moewatch.config import ConfigError  # here, not at the top: moewatch.config imports this package
-
     for key, path in (("certfile", config.certfile), ("keyfile", config.keyfile)):
         if path is not None and not path.is_file():
             raise ConfigError(

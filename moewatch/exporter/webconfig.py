@@ -26,6 +26,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moewatch.errors import ConfigError
+
 __all__ = ["WebConfig", "load_web_config", "with_basic_auth"]
 
 
@@ -43,8 +45,6 @@ class WebConfig(BaseModel):
 
 def load_web_config(path: Path) -> WebConfig:
     """Read and check ``path``; ConfigError names the file, the key and the fix (never a hash)."""
-    from moewatch.config import ConfigError
-
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as exc:
@@ -77,8 +77,6 @@ WSGIApp = Callable[..., Iterable[bytes]]
 
 def with_basic_auth(app: WSGIApp, users: dict[str, str]) -> WSGIApp:
     """``app`` behind HTTP basic auth against ``users`` (name -> bcrypt hash)."""
-    from moewatch.config import ConfigError
-
     try:
         import bcrypt
     except ImportError:

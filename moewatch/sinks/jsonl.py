@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import IO
 
+from moewatch.errors import ConfigError
 from moewatch.report import WindowReport
 
 __all__ = ["JsonlSink"]
@@ -39,15 +40,13 @@ class JsonlSink:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fh: IO[str] | None = self.path.open("a", encoding="utf-8")
         except OSError as exc:
-            raise ValueError(
+            raise ConfigError(
                 f"moewatch cannot write the JSONL log at {self.path}: {exc.strerror}; set jsonl.path "
                 "(MOEWATCH_JSONL__PATH) to a writable file or jsonl.enabled=false"
             ) from None
         if not _lock(self._fh):
             self._fh.close()
             self._fh = None
-            from moewatch.config import ConfigError
-
             raise ConfigError(
                 f"moewatch: the JSONL log {self.path} is being written by another live moewatch monitor; two runs "
                 "would interleave their windows. Give this run its own run_name (MOEWATCH_RUN_NAME) or jsonl.path "
