@@ -35,6 +35,7 @@ class WindowCounts:
     stats_LS: np.ndarray  # float64 [L, Emax + 3]
     tokens_L: np.ndarray  # int64 [L]
     prob_tokens_L: np.ndarray  # int64 [L], tokens whose probabilities/logits were seen
+    invalid_below_L: np.ndarray | None = None  # int64 [L]: of the invalid ids in column E, those below 0
 
 
 class _Buffers:
@@ -299,4 +300,5 @@ class Accumulator:
             stats_LS=packed_host[:, c:s].astype(np.float64),
             tokens_L=tokens_L,
             prob_tokens_L=prob_tokens_L,
+            invalid_below_L=raw_LE2[:, 0].copy(),
         )

@@ -6,6 +6,15 @@ sampling-noise floor (:mod:`moewatch.noise`), so a balanced router raises a fals
 ``false_alarm_rate`` of its layer-windows per metric. A metric whose warning threshold lies inside the
 noise reads ``insufficient_data`` ("not enough data") with the reason; its collapsed threshold is still
 judged when that one is clear.
+
+Broken router outputs are not a question of sampling noise: a layer with any non-finite router output
+(``nonfinite``: NaN/inf logits or probabilities among the sampled rows) or any expert id outside
+``[0, E)`` (``invalid_ids``) is at least ``warning``, with a reason naming the count, and is never
+``healthy`` or ``insufficient_data`` (not even when no valid assignment is left, e.g. every id invalid).
+These faults do not by themselves make a layer ``collapsed``: that state stays a statement about the load
+distribution of the valid assignments. Their urgency is carried by their own alerts (``nonfinite``
+critical, ``invalid_ids`` warning; :mod:`moewatch.alerting`), which hold back the layer's ``warning``
+alert while they fire.
 """
 
 from __future__ import annotations
@@ -17,9 +26,37 @@ from moewatch.config import Thresholds
 from moewatch.noise import NoiseFloor
 from moewatch.report import HealthState
 
-__all__ = ["Classification", "classify_layer", "worst"]
+__all__ = ["Classification", "OutputFaults", "classify_layer", "worst"]
 
 H, W, C, N = HealthState.HEALTHY, HealthState.WARNING, HealthState.COLLAPSED, HealthState.INSUFFICIENT_DATA
+
+
+@dataclass(frozen=True)
+class OutputFaults:
+    """Broken router outputs of one layer in one window, from the exact device counts (no sampling noise)."""
+
+    num_experts: int
+    assignments: int = 0  # valid expert ids
+    invalid_ids: int = 0  # expert ids outside [0, num_experts)
+    invalid_below: int = 0  # of them, ids below 0 (the rest are >= num_experts)
+    nonfinite: int = 0  # non-finite rows among the sampled router outputs (logits or probabilities)
+    sampled_rows: int = 0
+
+    def reasons(self) -> dict[str, str]:
+        """A reason per failing check (each makes the layer ``warning``)."""
+        out: dict[str, str] = {}
+        if self.nonfinite > 0:
+            of = f" of {self.sampled_rows} sampled" if self.sampled_rows >= self.nonfinite else ""
+            out["nonfinite"] = f"nonfinite {self.nonfinite}{of} router output rows are NaN/inf (warning)"
+        if self.invalid_ids > 0:
+            e, below = self.num_experts, self.invalid_below
+            above = self.invalid_ids - below
+            where = ", ".join(p for p, n in ((f"{below} below 0", below), (f"{above} >= {e}", above)) if n > 0)
+            out["invalid_ids"] = (
+                f"invalid_ids {self.invalid_ids} of {self.invalid_ids + self.assignments} expert ids outside "
+                f"[0, {e}) ({where}): a broken router or adapter (warning)"
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -81,15 +118,21 @@ def classify_layer(
     thresholds: Thresholds,
     noise: NoiseFloor | None = None,
     min_fair_share: float = 0.0,
+    faults: OutputFaults | None = None,
 ) -> Classification:
     """Classify one layer. ``noise`` gives the window's noise floors (``None``: judge every threshold).
-    ``min_fair_share`` is the deprecated blanket guard: windows below it are ``insufficient_data``."""
+    ``min_fair_share`` is the deprecated blanket guard: windows below it are ``insufficient_data``.
+    ``faults`` (non-finite outputs, invalid ids) make the layer at least ``warning`` (module docstring)."""
+    fault_reasons = faults.reasons() if faults is not None else {}
+    fault_states = dict.fromkeys(fault_reasons, W)
     if fair_share <= 0 or fair_share < min_fair_share:
         why = (
             "no assignments in this window"
             if fair_share <= 0
             else f"fair share {fair_share:.3g} assignments/expert < min_fair_share {min_fair_share:g}"
         )
+        if fault_reasons:  # broken outputs are no lack of data: say what is broken
+            return Classification(W, list(fault_reasons.values()), fault_states, {"window": why})
         return Classification(N, [why], {}, {"window": why})
     t, n = thresholds, noise
     checks = {
@@ -106,12 +149,12 @@ def classify_layer(
         "norm_entropy": _entropy(norm_entropy, t, n and n.norm_entropy, fair_share),
     }
     judged = {name: c for name, c in checks.items() if c is not None}
-    state = worst(s for s, _ in judged.values())
+    state = worst([*(s for s, _ in judged.values()), *fault_states.values()])
     noisy = {name: r for name, (s, r) in judged.items() if s is N}
-    reasons = [r for s, r in judged.values() if s in (W, C)]
+    reasons = [*fault_reasons.values(), *(r for s, r in judged.values() if s in (W, C))]
     if state is N:
         reasons = list(noisy.values())
-    return Classification(state, reasons, {name: s for name, (s, _) in judged.items()}, noisy)
+    return Classification(state, reasons, {**{name: s for name, (s, _) in judged.items()}, **fault_states}, noisy)
 
 
 def worst(states: Iterable[HealthState]) -> HealthState:

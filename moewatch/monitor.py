@@ -88,6 +88,7 @@ class Monitor:
         self._group = process_group
         self._handles: list[Any] = []
         self._disabled = [False] * len(specs)
+        self._invalid_ids_logged = [False] * len(specs)
         self.hook_errors = 0
         self.latest: WindowReport | None = None
         self._flusher = WindowFlusher(self._acc, process_group)
@@ -474,6 +475,7 @@ class Monitor:
         self.latest = report
         self.history.update(report)
         if self._reporting_rank():
+            self._log_invalid_ids(report)
             for sink in self._sinks:
                 try:
                     sink.emit(report)
@@ -482,6 +484,24 @@ class Monitor:
                         raise
                     log.exception("moewatch: sink %s failed on window %d", type(sink).__name__, meta.window)
         return report
+
+    def _log_invalid_ids(self, report: WindowReport) -> None:
+        """Warn once per router whose ids fall outside ``[0, E)``, from the window's host counts (the hot path
+        only counts them, in the buffer's edge columns)."""
+        for layer in report.layers:
+            if layer.invalid_ids <= 0 or self._invalid_ids_logged[layer.index]:
+                continue
+            self._invalid_ids_logged[layer.index] = True
+            e, below = layer.num_experts, layer.invalid_ids_below
+            log.warning(
+                "moewatch: router %r (layer %d, family %r) produced %d expert ids outside its range [0, %d) in "
+                "window %d (%d below 0, %d >= %d; %d valid): a broken router or adapter, e.g. a padding id such as "
+                "-1, global expert ids on an expert-parallel rank, or the wrong num_experts. They are not counted "
+                "as loads; the layer reads at least 'warning' and the invalid_ids alert fires. Logged once per "
+                "router; invalid_ids in the JSONL log and moewatch_layer_invalid_ids count every window",
+                layer.module, layer.index, layer.family, layer.invalid_ids, e, report.window,
+                below, layer.invalid_ids - below, e, layer.assignments,
+            )  # fmt: skip
 
     def _remove_hooks(self) -> None:
         for h in self._handles:

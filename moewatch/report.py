@@ -68,8 +68,17 @@ class LayerReport(BaseModel):
     max_violation: float | None = None
     effective_experts: float | None = None
     z_loss: float | None = Field(default=None, description="mean_t logsumexp(logits_t)^2, when logits are seen.")
-    nonfinite: int = Field(default=0, description="Non-finite router logits/probabilities seen.")
-    invalid_ids: int = Field(default=0, description="Expert ids outside [0, num_experts).")
+    nonfinite: int = Field(
+        default=0,
+        description="Non-finite router logits/probabilities seen (sampled rows); the layer is then at least "
+        "'warning' and the nonfinite alert fires.",
+    )
+    invalid_ids: int = Field(
+        default=0,
+        description="Expert ids outside [0, num_experts): a broken router or adapter; the layer is then at "
+        "least 'warning' and the invalid_ids alert fires.",
+    )
+    invalid_ids_below: int = Field(default=0, description="Of invalid_ids, those below 0 (the rest are >= num_experts).")
     dropped_ratio: float | None = Field(
         default=None, description="Estimated share of assignments over expert capacity (capacity_factor)."
     )

@@ -11,7 +11,7 @@ from moewatch import metrics
 from moewatch.accumulator import WindowCounts
 from moewatch.adapters.base import RouterInfo
 from moewatch.config import MoEWatchConfig
-from moewatch.health import classify_layer, worst
+from moewatch.health import OutputFaults, classify_layer, worst
 from moewatch.noise import noise_floor
 from moewatch.report import LayerReport, WindowReport
 
@@ -64,7 +64,9 @@ def build_layer_report(
     tokens: int,
     prob_tokens: int,
     cfg: MoEWatchConfig,
+    invalid_below: int = 0,
 ) -> LayerReport:
+    """One layer's report; ``invalid_below``: how many of the invalid ids (column E) were below 0."""
     e, e_max = info.num_experts, stats_S.shape[0] - 3
     loads = counts_E1[:e].astype(np.int64)
     invalid = int(counts_E1[e:].sum())  # column E (and any unused columns of smaller routers)
@@ -80,6 +82,8 @@ def build_layer_report(
     else:
         ent, source = metrics.norm_entropy(loads), "loads"
     dead_ratio = len(dead) / e
+    nonfinite = max(int(round(prob_tokens - finite_rows)), 0)
+    faults = OutputFaults(e, assignments, invalid, min(int(invalid_below), invalid), nonfinite, int(prob_tokens))
     noise = noise_floor(assignments, e, info.top_k, cfg.false_alarm_rate, cfg.dead_fraction)
     cls = classify_layer(
         load_cov=cov,
@@ -90,9 +94,9 @@ def build_layer_report(
         min_fair_share=cfg.min_fair_share,
         thresholds=cfg.thresholds,
         noise=noise if cfg.noise_aware else None,
+        faults=faults,
     )
     ep = _ep_loads(loads, cfg.expert_parallel_size, cfg.expert_rank_map)
-    nonfinite = max(int(round(prob_tokens - finite_rows)), 0)
     return LayerReport(
         index=info.index,
         module=info.module,
@@ -116,6 +120,7 @@ def build_layer_report(
         z_loss=_round(z_sum / finite_rows) if finite_rows > 0 and z_sum > 0 else None,
         nonfinite=nonfinite,
         invalid_ids=invalid,
+        invalid_ids_below=faults.invalid_below,
         dropped_ratio=_round(_dropped_ratio(loads, float(dropped), cfg.capacity_factor)),
         ep_loads=ep,
         ep_load_cov=_round(metrics.load_cov(ep)) if ep else None,
@@ -138,6 +143,7 @@ def build_window_report(
             int(counts.tokens_L[i]),
             int(counts.prob_tokens_L[i]),
             cfg,
+            int(counts.invalid_below_L[i]) if counts.invalid_below_L is not None else 0,
         )
         for i, info in enumerate(routers)
     ]

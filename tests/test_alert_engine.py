@@ -159,3 +159,42 @@ def test_grafana_link_and_labels() -> None:
     }
     assert [m.name for m in a.metrics] == ["load_cov", "dead_ratio", "top2_excess", "norm_entropy"]
     assert a.metrics[0].value == 1.8 and a.metrics[0].collapsed == 1.0
+
+
+def _faulty(i: int, state: str = "warning", **faults) -> object:
+    return make_layer(i, state).model_copy(update=faults)
+
+
+def test_invalid_ids_alert_is_a_warning_and_holds_back_the_layer_warning() -> None:
+    e = _engine(resolve_windows=1)
+    n = e.evaluate(make_report(0, [_faulty(0, invalid_ids=128)]))
+    assert _keys(n) == {(0, AlertCondition.INVALID_IDS)}  # the layer's warning alert is open but inhibited
+    alert = n.firing[0]
+    assert alert.severity is Severity.WARNING and alert.invalid_ids == 128 and alert.name == "MoEWatchRouterInvalidIds"
+    assert "128 expert ids out of range" in alert.summary
+    assert e.firing == [(0, "invalid_ids"), (0, "warning")]
+    # the ids are fixed but the layer is still drifting: the fault resolves and the warning is told now
+    n = e.evaluate(make_report(1, [_faulty(0)]))
+    assert _keys(n, "resolved") == {(0, AlertCondition.INVALID_IDS)} and _keys(n, "firing") == {(0, W)}
+
+
+def test_nonfinite_holds_back_the_layer_warning_but_not_a_collapse() -> None:
+    e = _engine()
+    n = e.evaluate(make_report(0, [_faulty(0, nonfinite=5), _faulty(1, "collapsed", nonfinite=5)]))
+    assert _keys(n) == {(0, N), (1, N), (1, C)}
+    # with the fault conditions switched off, the layer's warning alert is what tells
+    e = _engine(conditions=["collapsed", "warning"])
+    n = e.evaluate(make_report(0, [_faulty(0, nonfinite=5, invalid_ids=3)]))
+    assert _keys(n) == {(0, W)}
+
+
+def test_invalid_ids_alert_state_survives_a_checkpoint() -> None:
+    e = _engine()
+    first = e.evaluate(make_report(0, [_faulty(0, invalid_ids=7)])).firing[0]
+    resumed = _engine()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(e.state_dict())))
+    n = resumed.evaluate(make_report(1, [_faulty(0, invalid_ids=9)]))
+    assert n is None  # same incident, nothing new to tell
+    assert resumed.firing == e.firing
+    again = resumed._snapshot(resumed._tracks[(0, "invalid_ids")], "firing")
+    assert again.incident == first.incident and again.invalid_ids == 9

@@ -11,6 +11,8 @@ import requests
 import yaml
 from promhelpers import REPO, layer_report, require_binary, window_report
 
+from moewatch.alerting.model import ALERT_NAMES
+from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
 from moewatch.exporter.rules import RuleOptions, alert_specs, rules_test_yaml, rules_yaml
 
@@ -34,6 +36,8 @@ def test_every_alert_is_complete_and_in_the_runbook() -> None:
         "MoEWatchTrainingStalled",
         "MoEWatchProjectedCollapse",
         "MoEWatchHookErrors",
+        "MoEWatchRouterNonFinite",
+        "MoEWatchRouterInvalidIds",
     }
     runbook = (ALERTS / "runbook.md").read_text()
     headings = {h.strip().lower() for h in re.findall(r"^## (.+)$", runbook, re.M)}
@@ -44,6 +48,41 @@ def test_every_alert_is_complete_and_in_the_runbook() -> None:
         assert anchor in headings, f"runbook.md has no section for {r['alert']}"
     severity = {r["alert"]: r["labels"]["severity"] for r in rules}
     assert severity["MoEWatchLayerCollapsed"] == "critical" and severity["MoEWatchLayerWarning"] == "warning"
+
+
+def test_rules_share_names_and_severities_with_the_in_process_alerts() -> None:
+    """An alert that exists both in process (``moewatch.alerting``) and as a Prometheus rule has one name and
+    one default severity, so silences, routes and inhibitions written for one match the other."""
+    rules = {s.name: s.severity for s in alert_specs()}
+    cfg = AlertsConfig()
+    for cond, name in ALERT_NAMES.items():
+        if name in rules:
+            assert rules[name] == cfg.severity_of(cond).value, name
+    for cond in (AlertCondition.NONFINITE, AlertCondition.INVALID_IDS):
+        assert ALERT_NAMES[cond] in rules, f"no Prometheus rule for the in-process {cond.value} alert"
+
+
+def _promtool_test(tmp_path: Path, rules: str, tests: str) -> subprocess.CompletedProcess[str]:
+    promtool = require_binary("promtool")
+    (tmp_path / "moewatch-rules.yaml").write_text(rules)
+    (tmp_path / "moewatch-rules.test.yaml").write_text(tests)
+    return subprocess.run(
+        [promtool, "test", "rules", "moewatch-rules.test.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize(
+    "name,metric",
+    [("MoEWatchRouterNonFinite", "moewatch_layer_nonfinite"), ("MoEWatchRouterInvalidIds", "moewatch_layer_invalid_ids")],
+)
+def test_unit_tests_catch_a_broken_fault_rule(tmp_path: Path, name: str, metric: str) -> None:
+    """The promtool cases of the broken-output rules fail against a rule that never fires (a wrong metric) and
+    against one that fires at 0 (always ringing)."""
+    good = rules_yaml()
+    assert f"expr: {metric} > 0" in good
+    for broken in (f"expr: {metric}_typo > 0", f"expr: {metric} >= 0"):
+        out = _promtool_test(tmp_path, good.replace(f"expr: {metric} > 0", broken), rules_test_yaml())
+        assert out.returncode != 0 and name in out.stdout + out.stderr, broken
 
 
 def test_promtool_check_and_unit_tests() -> None:

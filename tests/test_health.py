@@ -3,7 +3,7 @@
 import pytest
 
 from moewatch.config import Thresholds
-from moewatch.health import classify_layer, worst
+from moewatch.health import OutputFaults, classify_layer, worst
 from moewatch.report import HealthState
 
 H, W, C, INS = (HealthState.HEALTHY, HealthState.WARNING, HealthState.COLLAPSED, HealthState.INSUFFICIENT_DATA)
@@ -62,3 +62,32 @@ def test_worst():
     assert worst([H, C, W]) is C
     assert worst([INS, INS]) is INS
     assert worst([]) is INS
+
+
+# --- broken router outputs: non-finite rows and invalid ids (OutputFaults) ---------------------------
+
+
+def test_all_invalid_ids_are_a_warning_never_insufficient_data():
+    """A router whose every id is out of range has no valid assignment: that is a broken router or adapter,
+    not "not enough data"."""
+    faults = OutputFaults(8, assignments=0, invalid_ids=1024, invalid_below=0)
+    result = cls(fair_share=0.0, load_cov=None, norm_entropy=None, faults=faults)
+    assert result.state is W
+    assert result.metric_states == {"invalid_ids": W}
+    assert result.reasons == [
+        "invalid_ids 1024 of 1024 expert ids outside [0, 8) (1024 >= 8): a broken router or adapter (warning)"
+    ]
+    assert classify_layer(**{**BASE, "fair_share": 0.0}, thresholds=Thresholds()).state is INS  # without: no data
+
+
+def test_faults_make_a_healthy_or_thin_layer_warning_and_never_collapse_it():
+    nan = OutputFaults(8, assignments=800, nonfinite=3, sampled_rows=400)
+    result = cls(faults=nan)
+    assert result.state is W and result.metric_states["nonfinite"] is W
+    assert result.reasons == ["nonfinite 3 of 400 sampled router output rows are NaN/inf (warning)"]
+    assert cls(fair_share=10.0, faults=nan).state is W  # below min_fair_share: still the fault, not INS
+    both = cls(load_cov=1.7, faults=OutputFaults(8, 800, invalid_ids=5, invalid_below=2, nonfinite=1))
+    assert both.state is C  # the loads' own state; a fault alone never makes a layer collapsed
+    assert [r.split()[0] for r in both.reasons] == ["nonfinite", "invalid_ids", "load_cov"]
+    assert "(2 below 0, 3 >= 8)" in both.reasons[1]
+    assert cls(faults=OutputFaults(8, 800)).state is H  # no fault, no change

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 import pytest
 from webhook_server import WebhookServer, make_layer, make_report, status
 
-from moewatch.alerting.settings import AlertsConfig
+from moewatch.alerting.engine import AlertEngine
+from moewatch.alerting.notifiers.common import CONDITION_TITLES, alert_line, headline
+from moewatch.alerting.notifiers.pagerduty import pagerduty_event
+from moewatch.alerting.notifiers.slack import slack_payload
+from moewatch.alerting.notifiers.webhook import alertmanager_payload
+from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.alerting.sink import AlertSink
 from moewatch.config import MoEWatchConfig
 
@@ -185,3 +191,24 @@ def test_factory_registered_and_disabled() -> None:
     sink = make_alert_sink(MoEWatchConfig(thresholds={"load_cov_collapsed": 2.0}))
     assert isinstance(sink, AlertSink) and sink.engine.thresholds.load_cov_collapsed == 2.0
     sink.close()
+
+
+@pytest.mark.parametrize("condition", list(AlertCondition), ids=lambda c: c.value)
+def test_every_condition_renders_for_every_notifier(condition: AlertCondition) -> None:
+    """Each alert condition has a title and a summary in every payload (projected_collapse had no title and
+    broke the Slack and log notifiers with a KeyError)."""
+    layer = make_layer(2, "collapsed", dead=(1,), nonfinite=2).model_copy(
+        update={"invalid_ids": 3, "projected_collapse_step": 15, "projected_collapse_metric": "load_cov"}
+    )
+    n = AlertEngine(AlertsConfig(conditions=[condition])).evaluate(make_report(0, [layer]))
+    assert n is not None and [a.condition for a in n.firing] == [condition]
+    alert = n.firing[0]
+    assert alert.summary.startswith("layer 2 (model.layers.2.mlp.gate)")
+    assert CONDITION_TITLES[condition] in headline(n)
+    assert alert_line(alert).startswith(f"layer 2 (model.layers.2.mlp.gate) {condition.value}")
+    assert CONDITION_TITLES[condition] in json.dumps(slack_payload(n))
+    pd = pagerduty_event(replace(n, incident="inc-1"), PD_KEY)
+    assert pd["payload"]["class"] == condition.value
+    assert pd["payload"]["custom_details"]["firing"][0]["summary"] == alert.summary
+    am = alertmanager_payload(n)
+    assert am["alerts"][0]["labels"]["alertname"] == alert.name

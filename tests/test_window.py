@@ -95,3 +95,36 @@ def test_expert_rank_map_for_non_contiguous_placement():
     cfg = MoEWatchConfig(min_fair_share=0, expert_rank_map=[1, 0, 1, 0], expert_parallel_size=2)
     layer = build_layer_report(info, counts, stats(4), 100, 0, cfg)
     assert layer.ep_loads == [60, 40]  # the map wins over contiguous placement ([30, 70])
+
+
+def test_all_invalid_ids_make_a_warning_layer_that_names_the_range():
+    """The issue's router: every id 99 for E=8 (and a few -1). Before, this read insufficient_data."""
+    info = RouterInfo(0, "layers.0.gate", "custom", 8, 2)
+    counts = np.array([0] * 8 + [1000])
+    layer = build_layer_report(info, counts, stats(8), 500, 0, CFG, invalid_below=10)
+    assert layer.state is HealthState.WARNING
+    assert layer.invalid_ids == 1000 and layer.invalid_ids_below == 10 and layer.assignments == 0
+    assert layer.reasons == [
+        "invalid_ids 1000 of 1000 expert ids outside [0, 8) (10 below 0, 990 >= 8): a broken router or adapter "
+        "(warning)"
+    ]
+
+
+def test_window_report_takes_the_negative_ids_from_the_counts():
+    info = RouterInfo(0, "g", "custom", 4, 1)
+    counts = WindowCounts(
+        counts_LE1=np.array([[25, 25, 25, 25, 7]]), stats_LS=np.array([stats(4, finite=0.0)]),
+        tokens_L=np.array([107]), prob_tokens_L=np.array([0]), invalid_below_L=np.array([3]),
+    )  # fmt: skip
+    meta = WindowMeta(run="r", window=0, step_start=0, step_end=1, time_start=0.0, time_end=1.0)
+    layer = build_window_report([info], counts, meta, CFG).layers[0]
+    assert (layer.invalid_ids, layer.invalid_ids_below) == (7, 3)
+    assert layer.state is HealthState.WARNING and "(3 below 0, 4 >= 4)" in layer.reasons[0]
+
+
+def test_nonfinite_rows_make_an_even_layer_warning():
+    counts = np.array([100, 100, 100, 100, 0])
+    layer = build_layer_report(INFO, counts, stats(4, [90, 90, 90, 90], finite=360), 400, 400, CFG)
+    assert layer.nonfinite == 40
+    assert layer.state is HealthState.WARNING and layer.metric_states["nonfinite"] is HealthState.WARNING
+    assert layer.reasons == ["nonfinite 40 of 400 sampled router output rows are NaN/inf (warning)"]

@@ -6,6 +6,7 @@ import fnmatch
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from moewatch.adapters.base import RouterOutput, RouterSpec, find_int_attr
@@ -41,6 +42,22 @@ def _selected(name: str, module: nn.Module, routers: Any) -> bool:
     return any(fnmatch.fnmatchcase(name, pat) for pat in routers)
 
 
+def _ids_fit(ids_TK: torch.Tensor, k: int) -> bool:
+    """``[..., K]`` ids with ``K == top_k``, or flat ``[T * K]`` ids: shapes only, no device read."""
+    if ids_TK.dim() >= 2:
+        return ids_TK.shape[-1] == k
+    return ids_TK.dim() == 1 and ids_TK.shape[0] % k == 0
+
+
+def _ids_mismatch(name: str, ids_TK: torch.Tensor, k: int) -> str:
+    per_token = f"{ids_TK.shape[-1]} expert ids per token" if ids_TK.dim() >= 2 else f"{ids_TK.numel()} flat ids"
+    return (
+        f"the extractor for {name!r} returned indices_TK of shape {tuple(ids_TK.shape)} ({per_token}) but the "
+        f"router's top_k is {k}: its tokens (ids / top_k) and every k-dependent metric would be wrong. Pass "
+        f"attach(..., top_k=K) with the router's real K, or return indices_TK of shape [T, {k}]"
+    )
+
+
 def _custom_spec(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec:
     extractor = cfg.extractor
     e = cfg.num_experts or find_int_attr([module, parent], _E_NAMES)
@@ -57,6 +74,9 @@ def _custom_spec(name: str, module: nn.Module, parent: nn.Module | None, cfg: An
         result = extractor(mod, args, out)
         if not isinstance(result, RouterOutput):
             raise TypeError(f"extractor for {name!r} returned {type(result).__name__}, not moewatch.RouterOutput")
+        ids = result.indices_TK
+        if ids is not None and not _ids_fit(ids, k):
+            raise ValueError(_ids_mismatch(name, ids, k))
         return result
 
     return RouterSpec(name, module, module, "custom", int(e), int(k), read)

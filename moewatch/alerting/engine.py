@@ -2,9 +2,11 @@
 
 One alert per (run, layer, condition). An alert whose condition holds becomes *pending*, *fires* once it
 has held for ``for_windows`` windows, and *resolves* after ``resolve_windows`` consecutive clean windows.
-Layers reported as ``insufficient_data`` are not evaluated at all: their alerts neither advance nor resolve.
+Layers reported as ``insufficient_data`` are not evaluated at all: their alerts neither advance nor resolve
+(a layer with non-finite outputs or invalid ids is never ``insufficient_data``, see :mod:`moewatch.health`).
 A firing ``collapsed`` alert inhibits the ``warning`` alert of the same layer (Alertmanager's usual
-critical-inhibits-warning rule). Every evaluation yields at most one :class:`Notification` with everything
+critical-inhibits-warning rule); so do firing ``nonfinite`` and ``invalid_ids`` alerts, which make the
+layer ``warning`` by themselves and say more precisely what is wrong. Every evaluation yields at most one :class:`Notification` with everything
 that changed, or a repeat of what is still firing once ``repeat_interval`` has passed.
 
 The engine is pure Python and cheap (a few dict operations per layer); it runs on the training thread so
@@ -52,6 +54,7 @@ class _Track:
     metrics: list[MetricValue] = field(default_factory=list)
     dead_ids: list[int] = field(default_factory=list)
     nonfinite: int = 0
+    invalid_ids: int = 0
     step: int = 0
     window: int = 0
 
@@ -87,6 +90,8 @@ class AlertEngine:
             return len(layer.dead_expert_ids) >= self.config.dead_experts_min
         if cond is AlertCondition.NONFINITE:
             return layer.nonfinite > 0
+        if cond is AlertCondition.INVALID_IDS:
+            return layer.invalid_ids > 0
         if cond is AlertCondition.PROJECTED_COLLAPSE:
             step = layer.projected_collapse_step
             return step is not None and step - step_end <= self.config.projected_collapse_horizon_steps
@@ -165,11 +170,16 @@ class AlertEngine:
             external_url=cfg.external_url or cfg.grafana_url,
         )
 
+    _INHIBITS_WARNING = (AlertCondition.COLLAPSED, AlertCondition.NONFINITE, AlertCondition.INVALID_IDS)
+
     def _inhibited(self, track: _Track) -> bool:
         if track.condition != AlertCondition.WARNING.value:
             return False
-        src = self._tracks.get((track.layer, AlertCondition.COLLAPSED.value))
-        return src is not None and src.status == "firing"
+        for cond in self._INHIBITS_WARNING:
+            src = self._tracks.get((track.layer, cond.value))
+            if src is not None and src.status == "firing":
+                return True
+        return False
 
     @staticmethod
     def _observe(track: _Track, layer: LayerReport, report: WindowReport, metrics: list[MetricValue]) -> None:
@@ -183,6 +193,7 @@ class AlertEngine:
         track.metrics = metrics
         track.dead_ids = list(layer.dead_expert_ids)
         track.nonfinite = layer.nonfinite
+        track.invalid_ids = layer.invalid_ids
         track.step, track.window = report.step_end, report.window
 
     def _fire(self, track: _Track, report: WindowReport) -> None:
@@ -232,6 +243,7 @@ class AlertEngine:
             dead_expert_ids=tuple(track.dead_ids),
             new_dead_expert_ids=new_dead,
             nonfinite=track.nonfinite,
+            invalid_ids=track.invalid_ids,
             generator_url=self._link(run, track.layer, track.fired_at, ends_at),
         )
 
@@ -246,8 +258,12 @@ class AlertEngine:
             summary = f"{where} router load is drifting (warning)"
         elif cond is AlertCondition.DEAD_EXPERTS:
             summary = f"{where}: {len(track.dead_ids)} dead experts {track.dead_ids}"
-        else:
+        elif cond is AlertCondition.INVALID_IDS:
+            summary = f"{where}: {track.invalid_ids} expert ids out of range (broken router or adapter)"
+        elif cond is AlertCondition.NONFINITE:
             summary = f"{where}: {track.nonfinite} non-finite router outputs"
+        else:
+            summary = f"{where} router heading for collapse"
         detail = "; ".join(track.reasons) if track.reasons else f"layer state {track.state}"
         description = f"{summary}. {detail}. Step {track.step}, window {track.window}."
         return summary, description

@@ -16,6 +16,7 @@ ALERT_NAMES = {
     AlertCondition.DEAD_EXPERTS: "MoEWatchDeadExperts",
     AlertCondition.NONFINITE: "MoEWatchRouterNonFinite",
     AlertCondition.PROJECTED_COLLAPSE: "MoEWatchProjectedCollapse",
+    AlertCondition.INVALID_IDS: "MoEWatchRouterInvalidIds",
 }
 
 
@@ -76,6 +77,7 @@ class Alert:
     dead_expert_ids: tuple[int, ...] = ()
     new_dead_expert_ids: tuple[int, ...] = ()
     nonfinite: int = 0
+    invalid_ids: int = 0
     generator_url: str = ""
 
     @property

@@ -23,6 +23,7 @@ class AlertCondition(str, Enum):
     DEAD_EXPERTS = "dead_experts"
     NONFINITE = "nonfinite"
     PROJECTED_COLLAPSE = "projected_collapse"
+    INVALID_IDS = "invalid_ids"
 
 
 class Severity(str, Enum):
@@ -39,6 +40,9 @@ _DEFAULT_SEVERITY = {
     AlertCondition.DEAD_EXPERTS: Severity.WARNING,
     AlertCondition.NONFINITE: Severity.CRITICAL,
     AlertCondition.PROJECTED_COLLAPSE: Severity.WARNING,
+    # Expert ids outside [0, E): the layer's counts come from a broken router or adapter. Training goes on
+    # (a real out-of-range id would have crashed the expert dispatch), the monitoring of the layer does not.
+    AlertCondition.INVALID_IDS: Severity.WARNING,
 }
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -77,13 +81,14 @@ class AlertsConfig(BaseModel):
     # --- rules ---------------------------------------------------------------------------------
     conditions: list[AlertCondition] = Field(
         default_factory=lambda: list(ALL_CONDITIONS),
-        description="Conditions that raise alerts: collapsed, warning, dead_experts, nonfinite, projected_collapse "
-        '(JSON list in the environment, e.g. \'["collapsed","nonfinite"]\').',
+        description="Conditions that raise alerts: collapsed, warning, dead_experts, nonfinite, projected_collapse, "
+        'invalid_ids (JSON list in the environment, e.g. \'["collapsed","nonfinite"]\').',
     )
     severities: dict[AlertCondition, Severity] = Field(
         default_factory=lambda: dict(_DEFAULT_SEVERITY),
         description="Severity per condition (critical, error, warning, info); unnamed conditions keep "
-        "their default (collapsed/nonfinite critical, warning/dead_experts warning).",
+        "their default (collapsed/nonfinite critical; warning, dead_experts, projected_collapse and invalid_ids "
+        "warning).",
     )
     for_windows: int = Field(
         1, ge=1, description="Windows a condition must hold (pending) before its alert fires."

@@ -41,6 +41,8 @@ class RuleOptions:
     #: MoEWatchProjectedCollapse fires when the projected collapse is at most this many steps ahead.
     projected_horizon_steps: int = 500
     hook_errors_for: str = "1m"
+    nonfinite_for: str = "1m"
+    invalid_ids_for: str = "1m"
     #: No window closed for ``stalled_factor`` x the last window's length, and for at least ``stalled_after``.
     stalled_factor: int = 3
     stalled_after: str = "10m"
@@ -58,6 +60,8 @@ class RuleOptions:
             stalled_for=duration,
             projected_for=duration,
             hook_errors_for=duration,
+            nonfinite_for=duration,
+            invalid_ids_for=duration,
         )
 
 
@@ -171,6 +175,28 @@ def alert_specs(opts: RuleOptions = RuleOptions()) -> list[AlertSpec]:
             "each such router is skipped from then on, so its layer is not being watched. The training "
             "log names the router and the error (a `RouterReadWarning`).",
         ),
+        AlertSpec(
+            "MoEWatchRouterNonFinite",
+            "moewatch_layer_nonfinite > 0",
+            opts.nonfinite_for,
+            "critical",
+            "Non-finite router outputs: " + _WHERE,
+            "The router of " + _WHERE + " has produced NaN/inf outputs (logits or probabilities) for "
+            + opts.nonfinite_for + ": {{ $value }} non-finite rows in its last window. Training is usually "
+            "diverging (loss or weights NaN/inf); the layer's routing metrics cannot be trusted.",
+        ),
+        AlertSpec(
+            "MoEWatchRouterInvalidIds",
+            "moewatch_layer_invalid_ids > 0",
+            opts.invalid_ids_for,
+            "warning",
+            "Invalid expert ids: " + _WHERE,
+            "The router of " + _WHERE + " has returned expert ids outside [0, experts) for "
+            + opts.invalid_ids_for + ": {{ $value }} in its last window. A broken router or adapter (a custom "
+            "extractor, a padding id such as -1, global ids on an expert-parallel rank, the wrong num_experts). "
+            "Those ids are not counted as loads, so the layer is not really watched; the training log names the "
+            "router and on which side of the range the ids fell.",
+        ),
     ]
 
 
@@ -265,6 +291,9 @@ def rules_test_document(
     def dead(v: int) -> dict[str, str]:
         return {"series": _series("moewatch_layer_dead_experts", lab), "values": hold(v)}
 
+    def layer_gauge(metric: str, v: int) -> dict[str, str]:
+        return {"series": _series(f"moewatch_layer_{metric}", lab), "values": hold(v)}
+
     def up(v: int) -> dict[str, str]:
         return {"series": _series("up", target), "values": hold(v)}
 
@@ -298,6 +327,11 @@ def rules_test_document(
             specs["MoEWatchHookErrors"],
             [{"series": _series("moewatch_hook_errors_total", {"run": "r1", **target}), "values": hold(0)}],
         ),
+        _case(specs["MoEWatchRouterNonFinite"], rb, [layer_gauge("nonfinite", 5), state(1)], lab, "5"),
+        _silent(specs["MoEWatchRouterNonFinite"], [layer_gauge("nonfinite", 0), state(2)]),
+        # every id invalid: the layer reads warning (1), never insufficient data (-1), and the rule fires
+        _case(specs["MoEWatchRouterInvalidIds"], rb, [layer_gauge("invalid_ids", 1024), state(1)], lab, "1024"),
+        _silent(specs["MoEWatchRouterInvalidIds"], [layer_gauge("invalid_ids", 0), state(0)]),
     ]
     return {"rule_files": [rule_file], "evaluation_interval": "1m", "tests": tests}
 

@@ -1,4 +1,6 @@
-"""A table a person can read at a glance: one row per layer, coloured by state."""
+"""A table a person can read at a glance: one row per layer, coloured by state. The ``NaN/inf`` and
+``bad ids`` columns count broken router outputs (``LayerReport.nonfinite``, ``.invalid_ids``), shown in bold
+red when not 0."""
 
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _fault(n: int) -> Text:
+    return Text(str(n), style="bold red" if n else "")
+
+
 def _rows(report: WindowReport, max_layers: int) -> list[LayerReport]:
     layers = report.layers
     if len(layers) <= max_layers:
@@ -41,7 +47,7 @@ def render_table(report: WindowReport, max_layers: int = 64) -> Table:
     table.add_column("layer", justify="right", no_wrap=True)
     table.add_column("module", overflow="ellipsis", no_wrap=True, max_width=24)
     table.add_column("state", no_wrap=True, min_width=9)
-    for col in ("load CV", "dead", "top-2", "entropy", "eff. E", "tokens"):
+    for col in ("load CV", "dead", "top-2", "entropy", "eff. E", "NaN/inf", "bad ids", "tokens"):
         table.add_column(col, justify="right", no_wrap=True)
     shown = _rows(report, max_layers)
     for r in shown:
@@ -55,6 +61,8 @@ def render_table(report: WindowReport, max_layers: int = 64) -> Table:
             _fmt(r.top2_share, ".1%") if r.top2_share is not None else "-",
             _fmt(r.norm_entropy),
             _fmt(r.effective_experts, ".1f"),
+            _fault(r.nonfinite),
+            _fault(r.invalid_ids),
             str(r.tokens),
             style=None if r.state is HealthState.HEALTHY else style,
         )

@@ -14,6 +14,8 @@ CONDITION_TITLES = {
     AlertCondition.WARNING: "drifting (warning)",
     AlertCondition.DEAD_EXPERTS: "dead experts",
     AlertCondition.NONFINITE: "non-finite router outputs",
+    AlertCondition.PROJECTED_COLLAPSE: "heading for collapse",
+    AlertCondition.INVALID_IDS: "invalid expert ids",
 }
 
 
@@ -75,6 +77,8 @@ def alert_line(a: Alert) -> str:
         bits.append(f"dead experts {list(a.dead_expert_ids)}")
     if a.nonfinite:
         bits.append(f"{a.nonfinite} non-finite router outputs")
+    if a.invalid_ids:
+        bits.append(f"{a.invalid_ids} expert ids outside [0, experts)")
     return " - ".join(bits)
 
 

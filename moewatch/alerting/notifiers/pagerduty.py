@@ -37,6 +37,7 @@ def _alert_details(a: Alert) -> dict[str, Any]:
         "thresholds": [m.describe() for m in a.metrics],
         "dead_expert_ids": list(a.dead_expert_ids),
         "nonfinite": a.nonfinite,
+        "invalid_ids": a.invalid_ids,
         "started": rfc3339(a.starts_at),
     }
 
