@@ -19,6 +19,7 @@ from rich.console import Console
 
 import moewatch
 from moewatch.alerting.settings import AlertCondition, Severity
+from moewatch.alerting.sink import AlertSink
 from moewatch.exporter import PrometheusExporter
 from moewatch.report import HealthState
 from moewatch.sinks.console import ConsoleSink, render_table
@@ -75,8 +76,8 @@ def test_all_invalid_ids_warn_once_alert_and_are_not_insufficient_data(caplog: p
         assert samples[("moewatch_layer_invalid_ids", "0")] == 128
         assert samples[("moewatch_layer_state", "0")] == 1  # warning, not -1 (insufficient data never alerts)
 
-        sink = watch.find_sink(moewatch.alerting.callbacks.AlertCallbackSink)
-        assert sink.drain()
+        sink = watch.find_sink(AlertSink)
+        assert sink.callbacks.drain()
         firing = {(a.condition, a.status) for a in alerts}
         # the layer's warning alert is held back by the more precise invalid_ids alert
         assert firing == {(AlertCondition.INVALID_IDS, "firing")}
@@ -157,7 +158,7 @@ def test_nonfinite_router_outputs_are_a_warning_on_console_and_metrics() -> None
         assert layer.reasons == ["nonfinite 5 of 64 sampled router output rows are NaN/inf (warning)"]
         samples = _samples(watch.find_sink(PrometheusExporter).url)
         assert samples[("moewatch_layer_nonfinite", "0")] == 5 and samples[("moewatch_layer_state", "0")] == 1
-        assert watch.find_sink(moewatch.alerting.callbacks.AlertCallbackSink).drain()
+        assert watch.find_sink(AlertSink).callbacks.drain()
         assert [(a.condition, a.severity) for a in alerts] == [(AlertCondition.NONFINITE, Severity.CRITICAL)]
     finally:
         watch.close()
