@@ -351,7 +351,33 @@ def test_cardinality_of_a_60_layer_256_expert_model(per_expert: bool, series: in
     collector.update(window_report(layers, run="big"))
     lines = [ln for ln in generate_latest(registry).decode().splitlines() if ln and not ln.startswith("#")]
     assert len(lines) == series
-    assert generate_latest(registry).count(b"\n") > 0  # a second scrape (served from the per-window cache)
+
+
+def test_per_window_families_are_rendered_once_per_window_not_per_scrape() -> None:
+    """A 60x256 scrape is ~30k samples: the families that change once per window are built (and the
+    text rendered) once per window, and every scrape of that window reuses them."""
+    from moewatch.exporter.collector import MoEWatchCollector
+
+    collector = MoEWatchCollector("r")
+    collector.update(window_report([layer_report(0, [5, 3, 0, 0])], run="r"))
+    per_window = {"moewatch_layer_state", "moewatch_expert_assignments", "moewatch_run_state"}
+
+    def families() -> dict[str, object]:
+        return {f.name: f for f in collector.collect() if f.name in per_window}
+
+    first, second = families(), families()
+    assert set(first) == per_window
+    assert all(first[n] is second[n] for n in per_window)  # the same objects: not rebuilt per scrape
+    text = collector.static_exposition()
+    assert collector.static_exposition() is text
+    assert collector.static_exposition(gzipped=True) is collector.static_exposition(gzipped=True)
+    live = {f.name: f for f in collector.collect()}["moewatch_scrapes"]
+    assert live is not {f.name: f for f in collector.collect()}["moewatch_scrapes"]  # live ones are per scrape
+
+    collector.update(window_report([layer_report(0, [1, 1, 1, 1])], run="r"))
+    third = families()
+    assert all(third[n] is not first[n] for n in per_window)  # a new window: rebuilt
+    assert collector.static_exposition() is not text and collector.static_exposition() != text
 
 
 def test_missing_binary_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:

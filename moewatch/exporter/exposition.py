@@ -14,6 +14,7 @@ import gzip
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qs
 
 from prometheus_client.utils import floatToGoString
 
@@ -56,8 +57,10 @@ def split_app(base_app: Callable[..., Iterable[bytes]], static: Callable[[bool],
     """Wrap prometheus-client's WSGI app: live part from ``base_app``, then ``static(gzipped)``."""
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        if "name[]" in environ.get("QUERY_STRING", ""):
-            return base_app(environ, start_response)  # filtered scrapes: plain full render
+        if "name[]" in parse_qs(environ.get("QUERY_STRING", "")):
+            # filtered scrapes (name[]=..., usually sent URL-encoded as name%5B%5D): prometheus-client's
+            # own filtered render
+            return base_app(environ, start_response)
         captured: list[Any] = []
 
         def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
