@@ -26,7 +26,7 @@ from moewatch.config import Thresholds
 from moewatch.noise import NoiseFloor
 from moewatch.report import HealthState
 
-__all__ = ["Classification", "OutputFaults", "classify_layer", "worst"]
+__all__ = ["BOUNDS", "Bound", "Classification", "OutputFaults", "classify_layer", "worst"]
 
 H, W, C, N = HealthState.HEALTHY, HealthState.WARNING, HealthState.COLLAPSED, HealthState.INSUFFICIENT_DATA
 
@@ -67,45 +67,71 @@ class Classification:
     not_enough_data: dict[str, str] = field(default_factory=dict)
 
 
-def _noisy(name: str, floor: float, bound: float, level: str, fair: float, upper: bool) -> str:
+@dataclass(frozen=True)
+class Bound:
+    """How one metric is judged against its two :class:`Thresholds` fields: the one statement of the
+    comparisons, read by the classifier, the alert engine, the dashboards' bands and the offline report.
+
+    ``higher_is_worse``: collapsed above the collapsed bound, warning above the warning bound (mirrored for
+    ``norm_entropy``). ``warning_inclusive``: the warning bound itself is a warning (``>=``/``<=``); the
+    collapsed bound never is (``>``/``<``).
+    """
+
+    metric: str  # the LayerReport attribute
+    warning_field: str
+    collapsed_field: str
+    higher_is_worse: bool = True
+    warning_inclusive: bool = False
+
+    def warning(self, t: Thresholds) -> float:
+        return float(getattr(t, self.warning_field))
+
+    def collapsed(self, t: Thresholds) -> float:
+        return float(getattr(t, self.collapsed_field))
+
+    @property
+    def warning_op(self) -> str:
+        return (">" if self.higher_is_worse else "<") + ("=" if self.warning_inclusive else "")
+
+    @property
+    def collapsed_op(self) -> str:
+        return ">" if self.higher_is_worse else "<"
+
+    def judge(self, value: float | None, t: Thresholds, floor: float | None, fair: float) -> tuple[HealthState, str] | None:
+        """The metric's state and reason, or None when it is undefined. Noise-aware: a bound inside the
+        noise floor (``floor``, None: no floor) is not judged."""
+        if value is None:
+            return None
+        sign = 1.0 if self.higher_is_worse else -1.0  # judge lower-is-worse metrics on the negated scale
+        v, warn, collapse = sign * value, sign * self.warning(t), sign * self.collapsed(t)
+        f = None if floor is None else sign * floor
+        collapse_ok = f is None or f <= collapse
+        warn_ok = f is None or (f < warn if self.warning_inclusive else f <= warn)
+        if v > collapse and collapse_ok:
+            return C, f"{self.metric} {value:.3g} {self.collapsed_op} {self.collapsed(t):g} (collapsed)"
+        if not warn_ok:
+            assert floor is not None
+            return N, _noisy(self.metric, floor, self.warning(t), fair, upper=self.higher_is_worse)
+        if v > warn or (self.warning_inclusive and v >= warn):
+            return W, f"{self.metric} {value:.3g} {self.warning_op} {self.warning(t):g} (warning)"
+        return H, ""
+
+
+#: Every thresholded metric, in report order.
+BOUNDS: tuple[Bound, ...] = (
+    Bound("load_cov", "load_cov_warning", "load_cov_collapsed", warning_inclusive=True),
+    Bound("dead_ratio", "dead_ratio_warning", "dead_ratio_collapsed"),
+    Bound("top2_excess", "top2_excess_warning", "top2_excess_collapsed"),
+    Bound("norm_entropy", "entropy_warning", "entropy_collapsed", higher_is_worse=False, warning_inclusive=True),
+)
+
+
+def _noisy(name: str, floor: float, bound: float, fair: float, upper: bool) -> str:
     side = "reaches" if upper else "falls to"
     return (
         f"not enough data: a balanced router's {name} {side} {floor:.3g} by chance at {fair:.3g} assignments/expert, "
-        f"not clear of the {level} threshold {bound:g}"
+        f"not clear of the warning threshold {bound:g}"
     )
-
-
-def _upper(
-    name: str, value: float | None, warn: float, collapse: float, strict_warn: bool, floor: float | None, fair: float
-) -> tuple[HealthState, str] | None:
-    """Bigger is worse: collapsed above ``collapse``; warning above (or at) ``warn``. ``None``: undefined."""
-    if value is None:
-        return None
-    collapse_ok = floor is None or floor <= collapse
-    warn_ok = floor is None or (floor <= warn if strict_warn else floor < warn)
-    if value > collapse and collapse_ok:
-        return C, f"{name} {value:.3g} > {collapse:g} (collapsed)"
-    if not warn_ok:
-        assert floor is not None
-        return N, _noisy(name, floor, warn, "warning", fair, upper=True)
-    if value > warn or (not strict_warn and value >= warn):
-        return W, f"{name} {value:.3g} >{'' if strict_warn else '='} {warn:g} (warning)"
-    return H, ""
-
-
-def _entropy(value: float | None, t: Thresholds, floor: float | None, fair: float) -> tuple[HealthState, str] | None:
-    if value is None:
-        return None
-    collapse_ok = floor is None or floor >= t.entropy_collapsed
-    warn_ok = floor is None or floor > t.entropy_warning
-    if value < t.entropy_collapsed and collapse_ok:
-        return C, f"norm_entropy {value:.3g} < {t.entropy_collapsed:g} (collapsed)"
-    if not warn_ok:
-        assert floor is not None
-        return N, _noisy("norm_entropy", floor, t.entropy_warning, "warning", fair, upper=False)
-    if value <= t.entropy_warning:
-        return W, f"norm_entropy {value:.3g} <= {t.entropy_warning:g} (warning)"
-    return H, ""
 
 
 def classify_layer(
@@ -134,19 +160,10 @@ def classify_layer(
         if fault_reasons:  # broken outputs are no lack of data: say what is broken
             return Classification(W, list(fault_reasons.values()), fault_states, {"window": why})
         return Classification(N, [why], {}, {"window": why})
-    t, n = thresholds, noise
+    values = {"load_cov": load_cov, "dead_ratio": dead_ratio, "top2_excess": top2_excess, "norm_entropy": norm_entropy}
     checks = {
-        "load_cov": _upper(
-            "load_cov", load_cov, t.load_cov_warning, t.load_cov_collapsed, False, n and n.load_cov, fair_share
-        ),
-        "dead_ratio": _upper(
-            "dead_ratio", dead_ratio, t.dead_ratio_warning, t.dead_ratio_collapsed, True, n and n.dead_ratio, fair_share
-        ),
-        "top2_excess": _upper(
-            "top2_excess", top2_excess, t.top2_excess_warning, t.top2_excess_collapsed, True,
-            n and n.top2_excess, fair_share,
-        ),
-        "norm_entropy": _entropy(norm_entropy, t, n and n.norm_entropy, fair_share),
+        b.metric: b.judge(values[b.metric], thresholds, noise and getattr(noise, b.metric), fair_share)
+        for b in BOUNDS
     }
     judged = {name: c for name, c in checks.items() if c is not None}
     state = worst([*(s for s, _ in judged.values()), *fault_states.values()])

@@ -24,6 +24,7 @@ from typing import Any
 from moewatch.alerting.model import ALERT_NAMES, Alert, MetricValue, Notification, fingerprint
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.config import Thresholds
+from moewatch.health import BOUNDS
 from moewatch.report import HealthState, LayerReport, WindowReport
 
 __all__ = ["AlertEngine"]
@@ -61,11 +62,8 @@ class _Track:
 
 def _metrics(layer: LayerReport, t: Thresholds) -> list[MetricValue]:
     return [
-        # Comparison operators as moewatch.health applies them.
-        MetricValue("load_cov", layer.load_cov, t.load_cov_warning, t.load_cov_collapsed, ">=", ">"),
-        MetricValue("dead_ratio", layer.dead_ratio, t.dead_ratio_warning, t.dead_ratio_collapsed, ">", ">"),
-        MetricValue("top2_excess", layer.top2_excess, t.top2_excess_warning, t.top2_excess_collapsed, ">", ">"),
-        MetricValue("norm_entropy", layer.norm_entropy, t.entropy_warning, t.entropy_collapsed, "<=", "<"),
+        MetricValue(b.metric, getattr(layer, b.metric), b.warning(t), b.collapsed(t), b.warning_op, b.collapsed_op)
+        for b in BOUNDS
     ]
 
 
