@@ -1,5 +1,5 @@
 """``prometheus.per_rank``: every rank serves /metrics on ``port + LOCAL_RANK`` with a ``rank`` label on every
-series, each rank's own counts (what its routers saw before the all-reduce), so that ``sum without(rank)``
+series, each rank's own counts (what its routers saw before the all-reduce), so that ``sum without(rank, instance)``
 of the counters is the job's total; rank 0's JSONL (and ``watch.latest`` everywhere) keep the all-reduced
 window. Two real gloo processes, each scraping its own port over HTTP."""
 
@@ -93,7 +93,7 @@ def test_per_rank_export_two_gloo_ranks(tmp_path):
         assigned_sum = [a + b for a, b in zip(assigned_sum, own, strict=True)]
         assert [s.value for s in samples if s.name == "moewatch_tokens_total"] == [len(RANK_ASSIGN[r]) * STEPS]
         assert res[r]["latest_loads"] == both  # the monitor's own report is the group's window on every rank
-    assert assigned_sum == both  # sum without(rank) of the counters is the job's total
+    assert assigned_sum == both  # summed over ranks, the counters are the job's total
     assert res[0]["sinks"] == ["JsonlSink", "PrometheusExporter"]
     assert res[1]["sinks"] == ["PrometheusExporter"]  # nothing but its own exporter on rank 1
     assert not (tmp_path / "w1.jsonl").exists()

@@ -55,7 +55,7 @@ class PrometheusConfig(BaseModel):
         description="Every rank serves its own /metrics on port + LOCAL_RANK (LOCAL_RANK, else SLURM_LOCALID or "
         "OMPI_COMM_WORLD_LOCAL_RANK, else the global rank), each series with a `rank` label (the global rank), "
         "for aggregating in PromQL. Each rank exports its own local counts of the window (what its routers saw "
-        "before the all-reduce), so sum without(rank) of the counters is the job's total; health gauges and "
+        "before the all-reduce), so sum without(rank, instance) of the counters is the job's total; health gauges and "
         "states are those of the rank's own counts. Off (default): the reporting rank alone serves the "
         "all-reduced window. JSONL, console and notifications stay on the reporting rank, all-reduced, "
         "either way.",
