@@ -133,7 +133,8 @@ class WindowFlusher:
         local = None
         if self._group is not None and self._keep_local:
             n_local = self._acc.n_layers * self._acc.packed_width
-            host, own = host[:-n_local], host[-n_local:]
+            cut = host.shape[0] - n_local
+            host, own = host[:cut], host[cut:]
             local = self._acc.unpack(own.reshape(self._acc.n_layers, -1), tokens, prob_tokens)
         return self._unpack(host, tokens, prob_tokens), meta, local
 
