@@ -14,6 +14,7 @@ from moewatch.adapters.discovery import discover_routers
 from moewatch.alerting.sink import callback_alert_sink
 from moewatch.config import MoEWatchConfig, build_config
 from moewatch.errors import ConfigError
+from moewatch.exporter.sink import prometheus_sink
 from moewatch.monitor import Monitor, check_not_attached
 from moewatch.sinks.base import Sink
 from moewatch.sinks.factory import build_sinks
@@ -41,8 +42,10 @@ def attach(
         config: a :class:`MoEWatchConfig`; by default one is read from ``MOEWATCH_*`` environment variables.
         sinks: extra sinks that receive every window report, after the configured ones.
         process_group: all-reduce counts over this group at every window end (every rank must take part);
-            only its rank 0 emits to sinks. Defaults to the world group when ``torch.distributed`` is
-            initialised with more than one rank; pass ``False`` to count each rank on its own.
+            only its rank 0 emits to sinks (with ``prometheus.per_rank``, every rank also serves its own
+            counts). Defaults to the world group when ``torch.distributed`` is initialised with more than one
+            rank; pass ``False`` to count each rank on its own. With ``pipeline_stage`` set, pass the stage's
+            data-parallel group: the world group is refused (it would mix the stages' layers).
         **overrides: top-level config fields, e.g. ``window_steps=10``.
     """
     if not isinstance(model, nn.Module):
@@ -54,6 +57,14 @@ def attach(
     cfg = build_config(config, overrides)
     if process_group is None and torch.distributed.is_available() and torch.distributed.is_initialized():
         if torch.distributed.get_world_size() > 1:
+            if cfg.pipeline_stage is not None:
+                # The world group holds every stage: its all-reduce would add other stages' layers to this
+                # stage's (or fail on a different router count). Only the user knows the stage's DP group.
+                raise ConfigError(
+                    f"pipeline_stage={cfg.pipeline_stage} with the default (world) process group: pass "
+                    "process_group= the data-parallel group of this stage (the ranks that hold the same layers), "
+                    "or process_group=False to count each rank on its own"
+                )
             process_group = torch.distributed.group.WORLD
     elif process_group is False:
         process_group = None
@@ -67,7 +78,11 @@ def attach(
                 f"{wrong} experts; give one non-negative rank per expert (MOEWATCH_EXPERT_RANK_MAP='[0, 0, 1, 1]')"
             )
     reporting = process_group is None or torch.distributed.get_rank(process_group) == 0
-    all_sinks = (build_sinks(cfg) if reporting else []) + list(sinks or [])
+    if reporting:
+        built = build_sinks(cfg)
+    else:  # per_rank: every rank serves its own counts; nothing else leaves a non-reporting rank
+        built = [s for s in [prometheus_sink(cfg)] if s is not None] if cfg.prometheus.per_rank else []
+    all_sinks = built + list(sinks or [])
     try:
         monitor = Monitor(
             model,

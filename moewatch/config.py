@@ -183,6 +183,21 @@ class MoEWatchConfig(BaseSettings):
         "(one extra [tokens, hidden] x [hidden, experts] product, the gate's own size, on each call that samples "
         "the probabilities: see probs_every) for entropy and z-loss. Off: entropy falls back to the loads.",
     )
+    layer_offset: int = Field(
+        0,
+        ge=0,
+        description="Pipeline parallelism: added to every router's position, so a stage reports its layers under "
+        "their global numbers (the routers held by earlier stages; e.g. stage s of S equal stages of a model with "
+        "R routers: s * R // S). The `layer` label, LayerReport.index and the JSONL log all use it.",
+    )
+    pipeline_stage: int | None = Field(
+        None,
+        ge=0,
+        description="Pipeline parallelism: this process's stage, exported as a `stage` label on every series and "
+        "as `stage` in each report. Needs process_group= the stage's data-parallel group (or False): the world "
+        "group would sum other stages' layers into this one's. Each stage's first rank then reports, on "
+        "prometheus.port + LOCAL_RANK.",
+    )
     count_eval: bool = Field(False, description="Also count forwards in eval mode.")
     async_flush: bool = Field(
         True, description="On CUDA, copy window counts non-blocking and build the report one step later."

@@ -33,7 +33,9 @@ class _Pending:
     meta: WindowMeta
 
 
-Ready = tuple[WindowCounts, WindowMeta]
+#: The window's counts (all-reduced over the group), its meta, and this rank's own counts before the
+#: all-reduce (``keep_local`` with a group; else None: the counts are this rank's own already).
+Ready = tuple[WindowCounts, WindowMeta, WindowCounts | None]
 
 
 class WindowFlusher:
@@ -41,11 +43,14 @@ class WindowFlusher:
 
     With a process group, every rank must close the same windows: the counts and the host-side token
     totals are summed across the group in one ``all_reduce`` (token totals ride in two extra columns).
+    ``keep_local`` (per-rank export) also hands over this rank's own counts: they travel to the host in the
+    same device-to-host copy, appended after the reduced ones.
     """
 
-    def __init__(self, acc: Accumulator, group: Any = None) -> None:
+    def __init__(self, acc: Accumulator, group: Any = None, *, keep_local: bool = False) -> None:
         self._acc = acc
         self._group = group
+        self._keep_local = keep_local
         self._pending: _Pending | None = None
 
     def release_group(self) -> None:
@@ -59,7 +64,7 @@ class WindowFlusher:
         if self._group is not None:
             packed = self._all_reduce(packed, tokens, prob_tokens, meta.step_end)
         if packed is None:
-            return self._unpack(self._zeros(), tokens, prob_tokens), meta
+            return self._unpack(self._zeros(), tokens, prob_tokens), meta, None  # nothing counted, no group
         if packed.device.type == "cuda" and not blocking:
             host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             host.copy_(packed, non_blocking=True)
@@ -68,7 +73,7 @@ class WindowFlusher:
             self._pending = _Pending(host, event, tokens, prob_tokens, meta)
             return None
         host_np = packed.cpu().numpy()  # CPU-GPU sync: once per window, at its end
-        return self._unpack(host_np, tokens, prob_tokens), meta
+        return self._ready(host_np, tokens, prob_tokens, meta)
 
     def poll(self) -> Ready | None:
         """The pending window, if its copy has landed (``event.query()`` does not synchronise)."""
@@ -76,7 +81,7 @@ class WindowFlusher:
         if p is None or not p.event.query():
             return None
         self._pending = None
-        return self._unpack(p.host.numpy(), p.tokens, p.prob_tokens), p.meta
+        return self._ready(p.host.numpy(), p.tokens, p.prob_tokens, p.meta)
 
     def finish(self) -> Ready | None:
         """The pending window, waiting for its copy if needed."""
@@ -121,7 +126,18 @@ class WindowFlusher:
         steps_R[dist.get_rank(self._group)] = step
         flat = torch.cat([full.flatten(), steps_R.to(device)])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._group)
+        if self._keep_local:  # ``packed`` is untouched by the in-place all_reduce of the concatenation
+            flat = torch.cat([flat, packed.flatten()])
         return flat
+
+    def _ready(self, host: np.ndarray, tokens: np.ndarray, prob_tokens: np.ndarray, meta: WindowMeta) -> Ready:
+        local = None
+        if self._group is not None and self._keep_local:
+            n_local = self._acc.n_layers * self._acc.packed_width
+            cut = host.shape[0] - n_local
+            host, own = host[:cut], host[cut:]
+            local = self._acc.unpack(own.reshape(self._acc.n_layers, -1), tokens, prob_tokens)
+        return self._unpack(host, tokens, prob_tokens), meta, local
 
     def _unpack(self, host: np.ndarray, tokens: np.ndarray, prob_tokens: np.ndarray) -> WindowCounts:
         if self._group is not None:  # rank step counts, then global token totals from the reduced columns

@@ -35,6 +35,7 @@ from moewatch.sinks.base import (
     Sink,
     StatsConsumer,
     sink_name,
+    wants_rank_counts,
 )
 from moewatch.trend import TrendTracker
 from moewatch.window import WindowMeta, build_window_report
@@ -80,7 +81,8 @@ class Monitor:
         check_not_attached(model)
         self.config = config
         self._specs = specs  # read by benchmarks/ to time the hooks
-        self._routers = [s.info(i) for i, s in enumerate(specs)]
+        # layer_offset: a pipeline stage's routers under their global layer numbers.
+        self._routers = [s.info(config.layer_offset + i) for i, s in enumerate(specs)]
         self._acc = Accumulator([s.num_experts for s in specs], config.probs_every)
         self._sinks: list[Sink] = list(sinks or [])
         self._alert_sink_factory = alert_sink_factory
@@ -91,7 +93,9 @@ class Monitor:
         self._invalid_ids_logged = [False] * len(specs)
         self.hook_errors = 0
         self.latest: WindowReport | None = None
-        self._flusher = WindowFlusher(self._acc, process_group)
+        # prometheus.per_rank: the exporter of every rank gets a report of that rank's own counts.
+        self._per_rank = config.prometheus.per_rank and process_group is not None
+        self._flusher = WindowFlusher(self._acc, process_group, keep_local=self._per_rank)
         self._step = 0
         self._window = 0
         self._window_start_step = 0
@@ -125,6 +129,8 @@ class Monitor:
             self._root_handle = model.register_forward_pre_hook(self._on_root_forward)
         _ATTACHED[model] = self
         self._trend = TrendTracker(self.config.early_warning, self.config.thresholds)
+        # Trend and idle windows of the per-rank reports (not in state_dict: they restart on resume).
+        self._local_trend = TrendTracker(self.config.early_warning, self.config.thresholds)
         for sink in self._sinks:
             self._bind(sink)
 
@@ -464,9 +470,14 @@ class Monitor:
         if ready is not None:
             self._publish(*ready)
 
-    def _publish(self, counts: WindowCounts, meta: WindowMeta) -> WindowReport | None:
+    def _publish(
+        self, counts: WindowCounts, meta: WindowMeta, local: WindowCounts | None = None
+    ) -> WindowReport | None:
         try:
             report = self._trend.update(build_window_report(self._routers, counts, meta, self.config))
+            own = report
+            if local is not None:
+                own = self._local_trend.update(build_window_report(self._routers, local, meta, self.config))
         except Exception:
             if self.config.strict:
                 raise
@@ -474,15 +485,20 @@ class Monitor:
             return None
         self.latest = report
         self.history.update(report)
-        if self._reporting_rank():
+        reporting = self._reporting_rank()
+        if reporting:
             self._log_invalid_ids(report)
-            for sink in self._sinks:
+        for sink in self._sinks:
+            # Per-rank sinks (prometheus.per_rank) get this rank's own counts on every rank; the others get
+            # the group's window, on the reporting rank only.
+            per_rank = wants_rank_counts(sink)
+            if per_rank or reporting:
                 try:
-                    sink.emit(report)
+                    sink.emit(own if per_rank else report)
                 except Exception:  # noqa: BLE001 - a sink must never reach the training loop
                     if self.config.strict:
                         raise
-                    log.exception("moewatch: sink %s failed on window %d", type(sink).__name__, meta.window)
+                    log.exception("moewatch: sink %s failed on window %d", sink_name(sink), meta.window)
         return report
 
     def _log_invalid_ids(self, report: WindowReport) -> None:

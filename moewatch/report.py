@@ -121,6 +121,9 @@ class WindowReport(BaseModel):
     hook_errors: int = Field(default=0, description="Router hook exceptions swallowed so far.")
     layers: list[LayerReport]
     state: HealthState
+    stage: int | None = Field(
+        default=None, description="Pipeline stage that reported these layers (config pipeline_stage); None: no pipeline."
+    )
     schema_version: int = Field(default=SCHEMA_VERSION, description="Report schema version.")
     moewatch_version: str = Field(default=__version__, description="moewatch version that wrote the report.")
     thresholds: dict[str, float] = Field(
@@ -132,4 +135,8 @@ class WindowReport(BaseModel):
         return self.step_end - self.step_start
 
     def layer(self, index: int) -> LayerReport:
-        return self.layers[index]
+        """The layer whose ``index`` (global layer number, ``layer_offset`` included) is ``index``."""
+        for layer in self.layers:
+            if layer.index == index:
+                return layer
+        raise IndexError(f"no layer {index} in this report (layers {[la.index for la in self.layers]})")

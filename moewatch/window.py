@@ -158,5 +158,6 @@ def build_window_report(
         hook_errors=meta.hook_errors,
         layers=layers,
         state=worst(layer.state for layer in layers),
+        stage=cfg.pipeline_stage,
         thresholds={**cfg.thresholds.model_dump(), "false_alarm_rate": cfg.false_alarm_rate},
     )

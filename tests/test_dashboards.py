@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from promhelpers import REPO, layer_report, window_report
+from promhelpers import REPO, layer_report, require_binary, window_report
 
 from moewatch.config import Thresholds
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
@@ -133,3 +134,147 @@ def test_generate_check_mode(tmp_path: Path) -> None:
     assert main(["--root", str(tmp_path), "--check"]) == 1
     assert main(["--root", str(tmp_path)]) == 0
     assert main(["--root", str(tmp_path), "--check"]) == 0
+
+
+# --- one layer set whatever the export layout: default, pipeline stages, per-rank ------------------------
+
+# The job's (global, all-reduced) values of four layers; layers 0-1 live on stage 0, 2-3 on stage 1.
+_GLOBAL = {
+    "state": [0, 1, 2, -1],
+    "load_cov": [0.25, 0.5, 1.5, 0.125],
+    "dead_ratio": [0.0, 0.25, 0.25, 0.0],
+    "dead_experts": [0, 1, 1, 0],
+    "top2_excess": [0.0, 0.25, 0.75, 0.125],
+    "top2_share": [0.5, 0.625, 0.875, 0.5625],
+    "norm_entropy": [1.0, 0.75, 0.25, 0.875],
+    "effective_experts": [4.0, 3.0, 1.5, 3.5],
+    "experts": [4, 4, 4, 4],
+}
+_LOWER_IS_WORSE = {"norm_entropy", "effective_experts"}
+_ASSIGNED_PER_MIN = {0: [60, 30, 0, 90], 1: [0, 30, 0, 30]}  # per rank of a stage; summed: 60, 60, 0, 120
+_DEAD_L2 = [0, 0, 1, 0]
+
+
+def _better(metric: str, v: float) -> float:
+    """A value healthier than ``v``: what the other rank of a per-rank pair shows."""
+    if metric == "state":
+        return max(-1, v - 1)
+    if metric in _LOWER_IS_WORSE:
+        return 4.0 if metric == "effective_experts" else (v + 1.0) / 2
+    return v // 2 if metric == "dead_experts" else v / 2
+
+
+def _exporters(layout: str) -> list[dict]:
+    """Exporters of run r1 as Prometheus would scrape them: their target labels, layers, and for per-rank
+    exporters the rank's position in its stage."""
+    if layout == "default":
+        return [{"labels": {"instance": "t0:9405"}, "layers": [0, 1, 2, 3], "local": None}]
+    if layout == "stages":
+        return [{"labels": {"stage": str(s), "instance": f"t{s}:9405"}, "layers": [2 * s, 2 * s + 1], "local": None}
+                for s in (0, 1)]
+    return [{"labels": {"stage": str(s), "rank": str(2 * s + r), "instance": f"t{s}:{9405 + r}"},
+             "layers": [2 * s, 2 * s + 1], "local": r} for s in (0, 1) for r in (0, 1)]
+
+
+def _input_series(layout: str) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+
+    def add(name: str, labels: dict[str, str], values: str) -> None:
+        inner = ",".join(f'{k}="{v}"' for k, v in {"run": "r1", "job": "moewatch", **labels}.items())
+        out.append({"series": f"{name}{{{inner}}}", "values": values})
+
+    exporters = _exporters(layout)
+    for ex in exporters:
+        r, base = ex["local"], ex["labels"]
+        states = []
+        for layer in ex["layers"]:
+            lab = {**base, "layer": str(layer), "module": f"layers.{layer}.gate"}
+            worst = r is None or (layer + r) % 2 == 0  # which rank of the pair is the worse alternates
+            for metric, values in _GLOBAL.items():
+                v = values[layer] if worst or metric == "experts" else _better(metric, values[layer])
+                states += [v] if metric == "state" else []
+                add(f"moewatch_layer_{metric}", lab, f"{v}x20")
+            if layer == 2:
+                for e in range(4):
+                    per_min = sum(_ASSIGNED_PER_MIN.values(), [])[e::4] if r is None else [_ASSIGNED_PER_MIN[r][e]]
+                    add("moewatch_expert_assignments_total", {**lab, "expert": str(e)}, f"0+{sum(per_min)}x20")
+                    dead = _DEAD_L2[e] if worst else 0
+                    add("moewatch_expert_dead", {**lab, "expert": str(e)}, f"{dead}x20")
+        tokens = 60 if r is not None else 120  # each stage sees every token; ranks split them
+        add("moewatch_tokens_total", base, f"0+{tokens}x20")
+        add("moewatch_windows_total", base, "0+60x20")
+        hook_errors = {"default": 2, "stages": 2 if base.get("stage") == "0" else 0}.get(
+            layout, 1 if base.get("stage") == "0" else 0
+        )
+        add("moewatch_hook_errors_total", base, f"{hook_errors}x20")
+        add("moewatch_run_state", base, f"{max(states)}x20")
+    return out
+
+
+def _expected() -> dict[tuple[str, str, int], list[dict[str, object]]]:
+    """(dashboard, panel, target index) -> the samples every layout must give."""
+
+    def per_layer(metric: str, layers=range(4)) -> list[dict[str, object]]:
+        return [{"labels": f'{{layer="{i}", run="r1"}}', "value": _GLOBAL[metric][i]} for i in layers]
+
+    run = lambda v: [{"labels": '{run="r1"}', "value": v}]  # noqa: E731
+    one = lambda v: [{"labels": "{}", "value": v}]  # noqa: E731
+    experts = lambda vs: [{"labels": f'{{expert="{e}"}}', "value": v} for e, v in enumerate(vs)]  # noqa: E731
+    ov, la = "moewatch-overview.json", "moewatch-layer.json"
+    return {
+        (ov, "Run state", 0): run(2),
+        (ov, "Layers collapsed", 0): run(1),
+        (ov, "Dead experts", 0): run(2),
+        (ov, "Tokens per second", 0): run(2),  # 120 tokens a minute, counted once (stat)
+        (ov, "Tokens per second", 1): run(2),  # (time series)
+        (ov, "Layer state", 0): per_layer("state"),
+        (ov, "Load CV", 0): per_layer("load_cov"),
+        (ov, "Dead expert ratio", 0): per_layer("dead_ratio"),
+        (ov, "Top-2 share excess", 0): per_layer("top2_excess"),
+        (ov, "Normalised router entropy", 0): per_layer("norm_entropy"),
+        (ov, "Top-2 share", 0): per_layer("top2_share"),
+        (ov, "Top-2 share", 1): [{"labels": f'{{layer="{i}", run="r1"}}', "value": 0.5} for i in range(4)],
+        (ov, "Effective experts", 0): per_layer("effective_experts"),
+        (ov, "Monitor health", 0): run(2),
+        (ov, "Monitor health", 1): run(60),
+        (la, "State", 0): one(2),
+        (la, "Load CV", 0): one(1.5),
+        (la, "Dead experts", 0): one(1),
+        (la, "Top-2 share", 0): one(0.875),
+        (la, "Entropy", 0): one(0.25),
+        (la, "Effective experts", 0): one(1.5),
+        (la, "Per-expert load share", 0): experts([0.25, 0.25, 0.0, 0.5]),
+        (la, "Per-expert load share", 1): one(0.25),
+        (la, "Per-expert assignments per second", 0): experts([1.0, 1.0, 0.0, 2.0]),
+        (la, "Dead experts over time", 0): experts(_DEAD_L2),
+        (la, "Experts now", 0): experts(_DEAD_L2),
+        (la, "Load CV (this layer)", 0): per_layer("load_cov", [2]),
+        (la, "Entropy and top-2 excess (this layer)", 0): per_layer("norm_entropy", [2]),
+        (la, "Entropy and top-2 excess (this layer)", 1): per_layer("top2_excess", [2]),
+    }
+
+
+@pytest.mark.parametrize("layout", ["default", "stages", "per_rank"])
+def test_panels_show_one_layer_set_in_every_export_layout(layout: str, tmp_path: Path) -> None:
+    """Every panel query, run by promtool over the series of one export layout: one exporter; one per
+    pipeline stage (each its own layers, a stage label); one per rank (each rank's own counts, rank and stage
+    labels, a different instance each). All three must read the same: one series per layer, the worst rank's
+    gauge, counters summed over ranks and tokens counted once across stages."""
+
+    promtool = require_binary("promtool")
+    expected = _expected()
+    tests = []
+    for name, build in DASHBOARDS.items():
+        seen: dict[str, int] = {}
+        for title, expr in panel_queries(build()):
+            i = seen[title] = seen.get(title, -1) + 1  # target i of the panels with this title
+            assert (name, title, i) in expected, f"no expectation for {name} / {title} #{i}: {expr}"
+            query = (expr.replace('"$run"', '".*"').replace('=~"$layer"', '=~".*"')
+                     .replace('="$layer"', '="2"').replace("$__rate_interval", "5m"))
+            tests.append({"expr": query, "eval_time": "10m", "exp_samples": expected.pop((name, title, i))})
+    assert not expected, f"expectations for panels that are gone: {sorted(expected)}"
+    doc = {"evaluation_interval": "1m",
+           "tests": [{"interval": "1m", "input_series": _input_series(layout), "promql_expr_test": tests}]}
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = subprocess.run([promtool, "test", "rules", "t.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]

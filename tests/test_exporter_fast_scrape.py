@@ -12,7 +12,7 @@ from prometheus_client.registry import CollectorRegistry
 from promhelpers import layer_report, window_report
 
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
-from moewatch.exporter.collector import MoEWatchCollector
+from moewatch.exporter.collector import MoEWatchCollector, _stamp
 
 
 def _report():
@@ -82,5 +82,35 @@ def test_filtered_scrape_falls_back_to_full_render():
         # path would append every per-window family)
         types = [line for line in body.splitlines() if line.startswith("# TYPE")]
         assert types == ["# TYPE moewatch_layer_state gauge"]
+    finally:
+        ex.close()
+
+
+def test_constant_labels_on_the_fast_path_and_pushes_without_rank():
+    """stage/rank labels (pipeline stages, per-rank export): the fast expert text still equals
+    prometheus-client's render, every scraped series carries them, and pushes leave ``rank`` to the group key."""
+    labels = {"stage": "1", "rank": "3"}
+    c = MoEWatchCollector('run "q"', labels=labels)
+    c.update(_report())
+    snap = c._snap
+
+    class Fams:
+        def collect(self):
+            return list(_stamp(c._expert_families(snap, True), labels))
+
+    assert c._expert_text(snap).encode() == generate_latest(Fams())
+    registry = CollectorRegistry()
+    ex = PrometheusExporter('run "q"', PrometheusConfig(host="127.0.0.1", port=0, per_rank=True), registry=registry,
+                            rank=3, stage=1)  # fmt: skip
+    try:
+        ex.emit(_report())
+        body = requests.get(ex.url, timeout=10).text
+        assert _samples(body) == _samples(generate_latest(registry).decode())
+        keys = [dict(k[1]) for k in _samples(body)]
+        assert keys and all(k.get("stage") == "1" and k.get("rank") == "3" for k in keys)
+        pushed = [s.labels for fam in ex.collector.peek() for s in fam.samples]
+        assert pushed and all(lab.get("stage") == "1" and "rank" not in lab for lab in pushed)
+        again = requests.get(ex.url, timeout=10).text  # a push does not strip the cached families
+        assert all(dict(k[1]).get("rank") == "3" for k in _samples(again))
     finally:
         ex.close()

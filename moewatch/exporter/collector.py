@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import platform
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -126,6 +126,24 @@ def _fold(prev: _Snapshot | None, report: WindowReport) -> _Snapshot:
     )
 
 
+def _stamp(families: Iterable[Metric], labels: dict[str, str]) -> Iterator[Metric]:
+    """``families`` with the constant ``labels`` added to every sample (in place: fresh families only)."""
+    for fam in families:
+        if labels:
+            fam.samples = [s._replace(labels={**s.labels, **labels}) for s in fam.samples]
+        yield fam
+
+
+def _without(families: Iterable[Metric], names: tuple[str, ...]) -> Iterator[Metric]:
+    """Copies of ``families`` whose samples lack the labels ``names`` (the originals may be cached)."""
+    for fam in families:
+        out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+        out.samples = [
+            s._replace(labels={k: v for k, v in s.labels.items() if k not in names}) for s in fam.samples
+        ]
+        yield out
+
+
 def _versions() -> dict[str, str]:
     import torch
 
@@ -145,11 +163,18 @@ class MoEWatchCollector(Collector):
         run: the ``run`` label (the config's ``run_name``); reports carry it too.
         per_expert: export ``moewatch_expert_*`` series (layers x experts each).
         count_scrapes: count ``collect()`` calls in ``moewatch_scrapes_total`` (off for push registries).
+        labels: constant labels added to every series (``stage`` of a pipeline stage, ``rank`` of per-rank
+            export); pushes leave ``rank`` out, as the Pushgateway group key carries it.
     """
 
-    def __init__(self, run: str, *, per_expert: bool = True, count_scrapes: bool = True) -> None:
+    def __init__(
+        self, run: str, *, per_expert: bool = True, count_scrapes: bool = True, labels: dict[str, str] | None = None
+    ) -> None:
         self.run = run
         self.per_expert = per_expert
+        self.labels = dict(labels or {})
+        if {"run", "layer", "module", "expert", "metric", "notifier", "outcome"} & set(self.labels):
+            raise ValueError(f"constant labels {sorted(self.labels)} clash with moewatch's own labels")
         self._count_scrapes = count_scrapes
         self._snap: _Snapshot | None = None
         self._lock = threading.Lock()
@@ -190,10 +215,9 @@ class MoEWatchCollector(Collector):
         if self._count_scrapes:
             with self._lock:
                 self._scrapes += 1
-        if SPLIT.active:  # our HTTP app appends the per-window families from static_exposition()
-            yield from self._live_families(self._snap, scrapes=self._scrapes, with_samples=True)
-        else:
-            yield from self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+        yield from _stamp(self._live_families(self._snap, scrapes=self._scrapes, with_samples=True), self.labels)
+        if not SPLIT.active:  # else our HTTP app appends the per-window families from static_exposition()
+            yield from self._report_families(self._snap, with_samples=True)
 
     def static_exposition(self, gzipped: bool = False) -> bytes:
         """The families that change once per window, in text format 0.0.4, rendered once per window."""
@@ -211,7 +235,7 @@ class MoEWatchCollector(Collector):
             return result[1]
 
     def _render_static(self, snap: _Snapshot | None) -> bytes:
-        fams = [*self._window_families(snap, True), *self._layer_families(snap, True)]
+        fams = list(_stamp([*self._window_families(snap, True), *self._layer_families(snap, True)], self.labels))
         text = generate_latest(_Families(fams))
         if self.per_expert and snap is not None:
             text += self._expert_text(snap).encode()
@@ -219,13 +243,15 @@ class MoEWatchCollector(Collector):
 
     def _expert_text(self, snap: _Snapshot) -> str:
         # Same bytes as prometheus-client would write for _expert_families(), ~20x faster.
-        run = escape_label(self.run)
+        const = {"run": self.run, **self.labels}
         assigned: list[tuple[str, float]] = []
         dead: list[tuple[str, float]] = []
         idle: list[tuple[str, float]] = []
         for layer, totals, dead_ids in zip(snap.report.layers, snap.expert_totals, snap.expert_dead, strict=True):
-            # prometheus-client writes labels sorted by name: expert, layer, module, run.
-            rest = f'",layer="{layer.index}",module="{escape_label(layer.module)}",run="{run}"'
+            # prometheus-client writes labels sorted by name: expert first, then layer, module, run (and the
+            # constant labels) in order.
+            names = {"layer": str(layer.index), "module": layer.module, **const}
+            rest = '"' + "".join(f',{k}="{escape_label(v)}"' for k, v in sorted(names.items()))
             assigned.extend((f'expert="{e}{rest}', n) for e, n in enumerate(totals))
             dead.extend((f'expert="{e}{rest}', 1.0 if e in dead_ids else 0.0) for e in range(len(totals)))
             idle.extend((f'expert="{e}{rest}', float(n)) for e, n in enumerate(layer.idle_windows))
@@ -236,13 +262,15 @@ class MoEWatchCollector(Collector):
         )
 
     def peek(self) -> Iterator[Metric]:
-        """Like ``collect()`` but not counted as a scrape (for pushes)."""
-        yield from self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+        """Like ``collect()`` but not counted as a scrape (for pushes: without the ``rank`` label, which the
+        push's group key holds)."""
+        fams = self._families(self._snap, scrapes=self._scrapes, with_samples=True)
+        yield from _without(fams, ("rank",)) if "rank" in self.labels else fams
 
     # --- families -----------------------------------------------------------------------------
 
     def _families(self, snap: _Snapshot | None, scrapes: int, with_samples: bool) -> Iterator[Metric]:
-        yield from self._live_families(snap, scrapes, with_samples)
+        yield from _stamp(self._live_families(snap, scrapes, with_samples), self.labels)
         yield from self._report_families(snap, with_samples)
 
     def _live_families(self, snap: _Snapshot | None, scrapes: int, with_samples: bool) -> Iterator[Metric]:
@@ -279,6 +307,7 @@ class MoEWatchCollector(Collector):
         fams = [*self._window_families(snap, with_samples), *self._layer_families(snap, with_samples)]
         if self.per_expert:
             fams += self._expert_families(snap, with_samples)
+        fams = list(_stamp(fams, self.labels))
         if with_samples:
             self._cache = (snap, fams)
         return fams

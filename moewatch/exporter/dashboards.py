@@ -28,6 +28,22 @@ __all__ = ["DASHBOARDS", "dashboard_files", "layer_dashboard", "overview_dashboa
 _SEL = 'run=~"$run", layer=~"$layer"'
 _RUN = 'run=~"$run"'
 
+#: Per-layer gauges are shown one series per (run, layer) whichever exporters serve them: one, the default;
+#: one per pipeline stage (each its own layers); one per rank with prometheus.per_rank (each rank's own counts,
+#: shown as the worst rank: the highest load CV / dead ratio / top-2 / state, the lowest entropy and effective
+#: experts). Counters are summed over ranks, and token throughput is taken from one stage.
+_WORST = {"norm_entropy": "min", "effective_experts": "min"}
+
+
+def _layer(metric: str, selector: str) -> str:
+    """``moewatch_layer_<metric>`` one series per run and layer (the worst rank's value under per_rank)."""
+    return f"{_WORST.get(metric, 'max')} by (run, layer) (moewatch_layer_{metric}{{{selector}}})"
+
+
+def _tokens_rate(selector: str) -> str:
+    """Tokens per second of each run: summed over ranks, from one pipeline stage (each stage sees them all)."""
+    return f"max by (run) (sum by (run, stage) (rate(moewatch_tokens_total{{{selector}}}[$__rate_interval])))"
+
 
 def _bands() -> dict[str, dict[str, Any]]:
     t = Thresholds()
@@ -60,7 +76,7 @@ def _band_panel(
         title,
         description,
         unit,
-        [target(f"moewatch_layer_{metric}{{{selector}}}", legend)],
+        [target(_layer(metric, selector), legend)],
         thresholds=bands[metric],
         bands=True,
         minmax=minmax,
@@ -90,7 +106,7 @@ def overview_dashboard() -> dict[str, Any]:
                 "Layers collapsed",
                 "MoE layers whose state is collapsed in the last window.",
                 "none",
-                [target(f"sum by (run) (moewatch_layer_state{{{_RUN}}} == bool 2)", "{{run}}")],
+                [target(f"sum by (run) ({_layer('state', _RUN)} == bool 2)", "{{run}}")],
                 thresholds=steps(("green", None), ("red", 1)),
             ),
             6,
@@ -102,7 +118,7 @@ def overview_dashboard() -> dict[str, Any]:
                 "Dead experts",
                 "Dead experts summed over all layers in the last window.",
                 "none",
-                [target(f"sum by (run) (moewatch_layer_dead_experts{{{_RUN}}})", "{{run}}")],
+                [target(f"sum by (run) ({_layer('dead_experts', _RUN)})", "{{run}}")],
                 thresholds=steps(("green", None), ("yellow", 1)),
             ),
             6,
@@ -115,9 +131,7 @@ def overview_dashboard() -> dict[str, Any]:
                 "Training throughput seen by the first router (rate of moewatch_tokens_total).",
                 "suffix: tok/s",
                 [
-                    target(
-                        f"sum by (run) (rate(moewatch_tokens_total{{{_RUN}}}[$__rate_interval]))", "{{run}}"
-                    )
+                    target(_tokens_rate(_RUN), "{{run}}")
                 ],
                 thresholds=steps(("blue", None)),
             ),
@@ -131,7 +145,7 @@ def overview_dashboard() -> dict[str, Any]:
                 "Health of every layer per window: healthy, warning, collapsed, or insufficient data "
                 "(too few tokens per expert to judge; never alerts).",
                 "none",
-                [target(f"moewatch_layer_state{{{_SEL}}}", layer_legend)],
+                [target(_layer("state", _SEL), layer_legend)],
                 mappings=STATE_MAPPINGS,
                 thresholds=STATE_STEPS,
             ),
@@ -205,8 +219,8 @@ def overview_dashboard() -> dict[str, Any]:
                 "Share of assignments taken by the two busiest experts (raw); the fair value is 2/experts.",
                 "percentunit",
                 [
-                    target(f"moewatch_layer_top2_share{{{_SEL}}}", layer_legend),
-                    target(f"2 / moewatch_layer_experts{{{_SEL}}}", "fair {{run}} layer {{layer}}", ref="B"),
+                    target(_layer("top2_share", _SEL), layer_legend),
+                    target(f"2 / {_layer('experts', _SEL)}", "fair {{run}} layer {{layer}}", ref="B"),
                 ],
                 minmax=(0, 1),
             ),
@@ -219,7 +233,7 @@ def overview_dashboard() -> dict[str, Any]:
                 "Effective experts",
                 "exp(entropy of the load distribution): how many experts the layer really uses.",
                 "none",
-                [target(f"moewatch_layer_effective_experts{{{_SEL}}}", layer_legend)],
+                [target(_layer("effective_experts", _SEL), layer_legend)],
                 minmax=(0, None),
             ),
             12,
@@ -232,9 +246,7 @@ def overview_dashboard() -> dict[str, Any]:
                 "Training throughput seen by the first router of each run.",
                 "suffix: tok/s",
                 [
-                    target(
-                        f"sum by (run) (rate(moewatch_tokens_total{{{_RUN}}}[$__rate_interval]))", "{{run}}"
-                    )
+                    target(_tokens_rate(_RUN), "{{run}}")
                 ],
                 minmax=(0, None),
             ),
@@ -249,9 +261,9 @@ def overview_dashboard() -> dict[str, Any]:
                 "minute.",
                 "short",
                 [
-                    target(f"moewatch_hook_errors_total{{{_RUN}}}", "hook errors {{run}}"),
+                    target(f"sum by (run) (moewatch_hook_errors_total{{{_RUN}}})", "hook errors {{run}}"),
                     target(
-                        f"rate(moewatch_windows_total{{{_RUN}}}[$__rate_interval]) * 60",
+                        f"max by (run) (rate(moewatch_windows_total{{{_RUN}}}[$__rate_interval])) * 60",
                         "windows/min {{run}}",
                         ref="B",
                     ),
@@ -297,13 +309,13 @@ def layer_dashboard() -> dict[str, Any]:
         ),
         (
             "Entropy",
-            f"max(moewatch_layer_norm_entropy{{{one}}})",
+            f"min(moewatch_layer_norm_entropy{{{one}}})",
             "percentunit",
             "Normalised router entropy.",
         ),
         (
             "Effective experts",
-            f"max(moewatch_layer_effective_experts{{{one}}})",
+            f"min(moewatch_layer_effective_experts{{{one}}})",
             "none",
             "exp(load entropy).",
         ),
@@ -399,8 +411,8 @@ def layer_dashboard() -> dict[str, Any]:
                 "Normalised entropy (healthy high) and top-2 share excess (healthy low).",
                 "percentunit",
                 [
-                    target(f"moewatch_layer_norm_entropy{{{one}}}", "entropy"),
-                    target(f"moewatch_layer_top2_excess{{{one}}}", "top-2 excess", ref="B"),
+                    target(_layer("norm_entropy", one), "entropy"),
+                    target(_layer("top2_excess", one), "top-2 excess", ref="B"),
                 ],
                 minmax=(0, 1),
             ),

@@ -11,7 +11,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from moewatch.exporter.settings import PushgatewayConfig, mask_password
 
-__all__ = ["Pusher", "default_rank"]
+__all__ = ["Pusher", "default_rank", "local_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,19 @@ def default_rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
+
+
+def local_rank() -> int:
+    """This process's rank within its node: ``$LOCAL_RANK`` (torchrun), else ``$SLURM_LOCALID`` or
+    ``$OMPI_COMM_WORLD_LOCAL_RANK``, else the global rank (right when every rank runs on one node)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        value = os.environ.get(name)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return default_rank()
 
 
 class Pusher:

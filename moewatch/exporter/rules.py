@@ -283,6 +283,9 @@ def rules_test_document(
     target = {"job": opts.job, "instance": "trainer-0:9405"}
     layer = {"run": "r1", "layer": "3", "module": "model.layers.3.mlp.gate"}
     lab = {**layer, **target}
+    per_rank = [{**layer, "rank": str(r), "job": opts.job, "instance": f"trainer-0:{9405 + r}"} for r in (0, 1)]
+    stage0 = {"stage": "0", "job": opts.job, "instance": "trainer-0:9405"}
+    stage1 = {"stage": "1", "job": opts.job, "instance": "trainer-1:9405"}
     hold = lambda v: f"{v}x{2 * 60}"  # noqa: E731 - a value held for two hours of 1m samples
 
     def state(v: int, labels: dict[str, str] = lab) -> dict[str, str]:
@@ -316,8 +319,18 @@ def rules_test_document(
             "1",
         ),
         _silent(specs["MoEWatchExporterAbsent"], [up(1)]),
+        # prometheus.per_rank: each rank's own state; the alert names the rank (and instance) that collapsed
+        _case(
+            specs["MoEWatchLayerCollapsed"], rb,
+            [state(2, per_rank[0]), state(0, per_rank[1])], per_rank[0], "2",
+        ),  # fmt: skip
         *_stalled_cases(specs["MoEWatchTrainingStalled"], rb, opts, {"run": "r1", **target}),
         *_projected_cases(specs["MoEWatchProjectedCollapse"], rb, opts, lab, {"run": "r1", **target}),
+        # pipeline stages: each stage's exporter has its own step series, matched by the stage's labels
+        *_projected_cases(
+            specs["MoEWatchProjectedCollapse"], rb, opts, {**layer, **stage1, "layer": "7", "module": "model.layers.7.mlp.gate"}, {"run": "r1", **stage1},
+            other={"run": "r1", **stage0},
+        ),
         _case(
             specs["MoEWatchHookErrors"], rb,
             [{"series": _series("moewatch_hook_errors_total", {"run": "r1", **target}), "values": hold(2)}],
@@ -379,13 +392,22 @@ def _stalled_cases(
 
 
 def _projected_cases(
-    spec: AlertSpec, runbook_url: str, opts: RuleOptions, lab: dict[str, str], run: dict[str, str]
+    spec: AlertSpec,
+    runbook_url: str,
+    opts: RuleOptions,
+    lab: dict[str, str],
+    run: dict[str, str],
+    other: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """``other``: the run-level labels of a second exporter (another pipeline stage) far from collapse."""
     hold = lambda v: f"{v}x{2 * 60}"  # noqa: E731
     h = opts.projected_horizon_steps
 
     def inputs(projected: int | None, step: int) -> list[dict[str, str]]:
         out = [{"series": _series("moewatch_step", run), "values": hold(step)}]
+        if other is not None:
+            # far behind: matched with this stage's layer by mistake, the alert would not fire
+            out.append({"series": _series("moewatch_step", other), "values": hold(0)})
         if projected is not None:
             out.append({"series": _series("moewatch_layer_projected_collapse_step", lab), "values": hold(projected)})
         return out

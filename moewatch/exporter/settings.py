@@ -27,7 +27,9 @@ def mask_password(url: str | None) -> str | None:
 
 
 class PrometheusConfig(BaseModel):
-    """The /metrics HTTP endpoint served by the monitor (on the reporting rank only)."""
+    """The /metrics HTTP endpoint served by the monitor: on the reporting rank only (rank 0 of the monitor's
+    process group, serving the all-reduced window), or on every rank with ``per_rank`` (each rank's own
+    counts, with a ``rank`` label)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -47,6 +49,16 @@ class PrometheusConfig(BaseModel):
     per_expert: bool = Field(
         True,
         description="Export per-expert series (2 x layers x experts of them); turn off for very large models.",
+    )
+    per_rank: bool = Field(
+        False,
+        description="Every rank serves its own /metrics on port + LOCAL_RANK (LOCAL_RANK, else SLURM_LOCALID or "
+        "OMPI_COMM_WORLD_LOCAL_RANK, else the global rank), each series with a `rank` label (the global rank), "
+        "for aggregating in PromQL. Each rank exports its own local counts of the window (what its routers saw "
+        "before the all-reduce), so sum without(rank, instance) of the counters is the job's total; health gauges and "
+        "states are those of the rank's own counts. Off (default): the reporting rank alone serves the "
+        "all-reduced window. JSONL, console and notifications stay on the reporting rank, all-reduced, "
+        "either way.",
     )
     certfile: Path | None = Field(
         None, description="PEM certificate: serve /metrics over HTTPS (needs keyfile too)."

@@ -10,7 +10,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from moewatch.exporter.collector import MoEWatchCollector
-from moewatch.exporter.push import Pusher, default_rank
+from moewatch.exporter.push import Pusher, default_rank, local_rank
 from moewatch.exporter.server import MetricsServer, start_metrics_server
 from moewatch.exporter.settings import PrometheusConfig, PushgatewayConfig
 from moewatch.report import WindowReport
@@ -39,7 +39,10 @@ class PrometheusExporter:
     default, so two monitors in one process do not clash) and pushes to a Pushgateway after every window
     and at close (when ``pushgateway.url`` is set). ``url``/``port`` are the actual address once serving
     (``port=0`` picks a free one), else ``None``. Only the reporting rank builds sinks, so a job group
-    serves one endpoint.
+    serves one endpoint; with ``per_rank`` every rank builds this one (``per_rank`` is True: the monitor
+    hands it that rank's own counts) and every series gets a ``rank`` label. ``stage`` (pipeline
+    parallelism) adds a ``stage`` label. With either, several exporters may share a node, so the port is
+    ``port + local_rank()`` (``port=0`` stays "any free port").
     """
 
     name = "prometheus"
@@ -52,10 +55,28 @@ class PrometheusExporter:
         *,
         registry: CollectorRegistry | None = None,
         rank: int | None = None,
+        stage: int | None = None,
     ) -> None:
         self.config = config or PrometheusConfig()
+        rank = default_rank() if rank is None else rank
+        self.per_rank = self.config.per_rank
+        labels: dict[str, str] = {}
+        if stage is not None:
+            labels["stage"] = str(stage)
+        if self.per_rank:
+            labels["rank"] = str(rank)
+        if labels and self.config.port != 0:
+            port = self.config.port + local_rank()
+            if port > 65535:
+                from moewatch.config import ConfigError
+
+                raise ConfigError(
+                    f"moewatch: prometheus.port {self.config.port} + local rank {port - self.config.port} is past "
+                    "65535; lower prometheus.port (MOEWATCH_PROMETHEUS__PORT)"
+                )
+            self.config = self.config.model_copy(update={"port": port})
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.collector = MoEWatchCollector(run, per_expert=self.config.per_expert)
+        self.collector = MoEWatchCollector(run, per_expert=self.config.per_expert, labels=labels)
         self.registry.register(self.collector)
         self._server: MetricsServer | None = None
         self._pusher: Pusher | None = None
@@ -65,9 +86,7 @@ class PrometheusExporter:
             if pushgateway is not None and pushgateway.url:
                 push_registry = CollectorRegistry()
                 push_registry.register(_Peek(self.collector))
-                self._pusher = Pusher(
-                    pushgateway, push_registry, run, default_rank() if rank is None else rank
-                )
+                self._pusher = Pusher(pushgateway, push_registry, run, rank)
                 self.collector.set_push_stats(lambda: dict(self._pusher.stats) if self._pusher else {})
         except BaseException:
             self.registry.unregister(self.collector)
@@ -77,7 +96,7 @@ class PrometheusExporter:
     def from_config(
         cls, cfg: MoEWatchConfig, registry: CollectorRegistry | None = None
     ) -> PrometheusExporter:
-        return cls(cfg.run_name, cfg.prometheus, cfg.pushgateway, registry=registry)
+        return cls(cfg.run_name, cfg.prometheus, cfg.pushgateway, registry=registry, stage=cfg.pipeline_stage)
 
     @property
     def url(self) -> str | None:

@@ -21,6 +21,7 @@ __all__ = [
     "Sink",
     "StatsConsumer",
     "sink_name",
+    "wants_rank_counts",
 ]
 
 
@@ -30,7 +31,8 @@ class Sink(Protocol):
     transient trouble (network, disk): log it and carry on. ``close`` releases resources.
 
     A sink may set a class attribute ``name`` (e.g. ``"prometheus"``): the stable key of its state in
-    ``Monitor.state_dict()``, see :func:`sink_name`."""
+    ``Monitor.state_dict()``, see :func:`sink_name`. A sink whose ``per_rank`` attribute is True gets, on
+    every rank, a report of that rank's own counts instead of the group's (:func:`wants_rank_counts`)."""
 
     def emit(self, report: WindowReport) -> None: ...
 
@@ -83,6 +85,11 @@ class AlertSubscribable(Protocol):
     """A sink that evaluates alerts and can call user code for every alert that fires or resolves."""
 
     def add_alert_callback(self, callback: Callable[..., Any]) -> None: ...
+
+
+def wants_rank_counts(sink: object) -> bool:
+    """True for a sink that reports each rank's own counts (the exporter with ``prometheus.per_rank``)."""
+    return getattr(sink, "per_rank", False) is True
 
 
 def sink_name(sink: object) -> str:
