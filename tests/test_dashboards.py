@@ -54,16 +54,23 @@ def test_dashboard_structure(name: str) -> None:
         cells |= mine
 
 
-def _panel(title: str) -> dict:
-    dash = DASHBOARDS["moewatch-overview.json"]()
+def _panel(title: str, t: Thresholds | None = None) -> dict:
+    dash = DASHBOARDS["moewatch-overview.json"](t)
     return next(p for p in dash["panels"] if p["title"] == title)
 
 
-def test_health_bands_come_from_threshold_defaults() -> None:
-    t = Thresholds()
-
+@pytest.mark.parametrize(
+    "t",
+    [
+        Thresholds(),
+        Thresholds(load_cov_warning=0.3, load_cov_collapsed=0.7, top2_excess_warning=0.2, top2_excess_collapsed=0.4,
+                   entropy_warning=0.9, entropy_collapsed=0.6, dead_ratio_collapsed=0.4),
+    ],
+    ids=["defaults", "configured"],
+)
+def test_health_bands_are_drawn_at_the_thresholds_they_are_generated_for(t: Thresholds) -> None:
     def steps(title: str) -> list:
-        p = _panel(title)
+        p = _panel(title, t)
         assert p["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line+area"
         return [(s["color"], s["value"]) for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"]]
 
@@ -278,3 +285,13 @@ def test_panels_show_one_layer_set_in_every_export_layout(layout: str, tmp_path:
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     out = subprocess.run([promtool, "test", "rules", "t.yaml"], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, (out.stdout + out.stderr)[-6000:]
+
+
+def test_generate_draws_bands_at_the_environment_thresholds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moewatch.exporter.generate import main
+
+    monkeypatch.setenv("MOEWATCH_THRESHOLDS__LOAD_COV_WARNING", "0.33")
+    assert main(["--root", str(tmp_path), "--thresholds-from-env"]) == 0
+    dash = json.loads((tmp_path / "dashboards" / "moewatch-overview.json").read_text())
+    load = next(p for p in dash["panels"] if p["title"] == "Load CV")
+    assert load["fieldConfig"]["defaults"]["thresholds"]["steps"][1] == {"color": "yellow", "value": 0.33}

@@ -22,6 +22,7 @@ from moewatch.exporter.grafana import (
     steps,
     target,
 )
+from moewatch.health import BOUNDS
 
 __all__ = ["DASHBOARDS", "dashboard_files", "layer_dashboard", "overview_dashboard", "panel_queries"]
 
@@ -45,19 +46,18 @@ def _tokens_rate(selector: str) -> str:
     return f"max by (run) (sum by (run, stage) (rate(moewatch_tokens_total{{{selector}}}[$__rate_interval])))"
 
 
-def _bands() -> dict[str, dict[str, Any]]:
-    t = Thresholds()
-    return {
-        "load_cov": steps(("green", None), ("yellow", t.load_cov_warning), ("red", t.load_cov_collapsed)),
-        # dead_ratio: any dead expert is a warning, so the yellow band starts just above the warning bound
-        "dead_ratio": steps(
-            ("green", None), ("yellow", t.dead_ratio_warning + 1e-3), ("red", t.dead_ratio_collapsed)
-        ),
-        "top2_excess": steps(
-            ("green", None), ("yellow", t.top2_excess_warning), ("red", t.top2_excess_collapsed)
-        ),
-        "norm_entropy": steps(("red", None), ("yellow", t.entropy_collapsed), ("green", t.entropy_warning)),
-    }
+def _bands(t: Thresholds) -> dict[str, dict[str, Any]]:
+    """Grafana threshold steps per metric, from :data:`moewatch.health.BOUNDS` and ``t``."""
+    out = {}
+    for b in BOUNDS:
+        warn, collapse = b.warning(t), b.collapsed(t)
+        if not b.warning_inclusive and warn == 0:
+            warn = 1e-3  # "> 0" is a warning: a step at 0 would paint the healthy value 0 yellow
+        if b.higher_is_worse:
+            out[b.metric] = steps(("green", None), ("yellow", warn), ("red", collapse))
+        else:
+            out[b.metric] = steps(("red", None), ("yellow", collapse), ("green", warn))
+    return out
 
 
 def _band_panel(
@@ -83,8 +83,8 @@ def _band_panel(
     )
 
 
-def overview_dashboard() -> dict[str, Any]:
-    b, g = _bands(), Grid()
+def overview_dashboard(thresholds: Thresholds | None = None) -> dict[str, Any]:
+    b, g = _bands(thresholds or Thresholds()), Grid()
     layer_legend = "{{run}} layer {{layer}}"
     p = [
         g.place(
@@ -283,8 +283,8 @@ def overview_dashboard() -> dict[str, Any]:
     )
 
 
-def layer_dashboard() -> dict[str, Any]:
-    b, g = _bands(), Grid()
+def layer_dashboard(thresholds: Thresholds | None = None) -> dict[str, Any]:
+    b, g = _bands(thresholds or Thresholds()), Grid()
     one = 'run=~"$run", layer="$layer"'
     rate = f"rate(moewatch_expert_assignments_total{{{one}}}[$__rate_interval])"
     stats = [
@@ -433,8 +433,11 @@ def layer_dashboard() -> dict[str, Any]:
 DASHBOARDS = {"moewatch-overview.json": overview_dashboard, "moewatch-layer.json": layer_dashboard}
 
 
-def dashboard_files() -> dict[str, str]:
-    return {name: json.dumps(build(), indent=2, sort_keys=False) + "\n" for name, build in DASHBOARDS.items()}
+def dashboard_files(thresholds: Thresholds | None = None) -> dict[str, str]:
+    """File name -> JSON of every dashboard, with bands at ``thresholds`` (default: the defaults)."""
+    return {
+        name: json.dumps(build(thresholds), indent=2, sort_keys=False) + "\n" for name, build in DASHBOARDS.items()
+    }
 
 
 def panel_queries(dash: dict[str, Any]) -> Iterator[tuple[str, str]]:
