@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["build_parser", "main"]
 
-_STYLE = {"healthy": "green", "warning": "yellow", "collapsed": "bold red", "insufficient_data": "dim"}
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +65,7 @@ def _summary(result: object, balance: str, out: Console) -> None:
 
     from moewatch.demo.run import DemoResult
     from moewatch.report import HealthState
+    from moewatch.sinks.console import STYLE
 
     assert isinstance(result, DemoResult)
     last = result.reports[-1] if result.reports else None
@@ -85,7 +85,7 @@ def _summary(result: object, balance: str, out: Console) -> None:
         )
         table.add_row(
             str(layer.index),
-            f"[{_STYLE[layer.state.value]}]{layer.state.value}[/]",
+            f"[{STYLE[layer.state]}]{layer.state.value}[/]",
             f"{layer.load_cov:.3f}" if layer.load_cov is not None else "-",
             f"{layer.top2_share:.1%}" if layer.top2_share is not None else "-",
             f"{layer.dead_experts}/{layer.num_experts}",

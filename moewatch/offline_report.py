@@ -20,6 +20,7 @@ early warnings. A summary table opens the page. ``--png DIR`` draws the same fig
 from __future__ import annotations
 
 import argparse
+import functools
 import html
 import json
 import logging
@@ -39,7 +40,10 @@ log = logging.getLogger(__name__)
 
 STATE_COLOR = {"healthy": "#2e9e44", "warning": "#e0a800", "collapsed": "#d62728", "insufficient_data": "#9e9e9e"}
 BAND_COLOR = {"healthy": "#e3f4e6", "warning": "#fdf3d1", "collapsed": "#fadcdc"}
-SEVERITY = {"insufficient_data": -1, "healthy": 0, "warning": 1, "collapsed": 2}
+def _severity(state: str) -> int:
+    from moewatch.report import STATE_VALUES  # here, not at the top: `moewatch --help` loads this module
+
+    return {s.value: n for s, n in STATE_VALUES.items()}.get(state, -1)
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,15 @@ class Metric:
     higher_is_worse: bool = True
 
 
-METRICS = (
-    Metric("load_cov", "load CV", "load_cov_warning", "load_cov_collapsed"),
-    Metric("dead_ratio", "dead ratio", "dead_ratio_warning", "dead_ratio_collapsed"),
-    Metric("top2_excess", "top-2 excess", "top2_excess_warning", "top2_excess_collapsed"),
-    Metric("norm_entropy", "norm. entropy", "entropy_warning", "entropy_collapsed", higher_is_worse=False),
-)
+_LABELS = {"load_cov": "load CV", "dead_ratio": "dead ratio", "top2_excess": "top-2 excess", "norm_entropy": "norm. entropy"}
+
+
+@functools.cache
+def thresholded_metrics() -> tuple[Metric, ...]:
+    """The thresholded metrics, from :data:`moewatch.health.BOUNDS` (imported on first use)."""
+    from moewatch.health import BOUNDS
+
+    return tuple(Metric(b.metric, _LABELS[b.metric], b.warning_field, b.collapsed_field, b.higher_is_worse) for b in BOUNDS)
 
 
 @dataclass
@@ -167,7 +174,7 @@ def load_run(path: str | Path) -> RunData:
             s.states.append(str(lay.get("state", "insufficient_data")))
             fair = float(lay.get("fair_share") or 0.0)
             s.share_WE.append([(v / fair) if fair > 0 else 0.0 for v in lay.get("loads", [])])
-            for m in METRICS:
+            for m in thresholded_metrics():
                 v = lay.get(m.key)
                 s.values.setdefault(m.key, []).append(float(v) if isinstance(v, int | float) else None)
                 s.noise.setdefault(m.key, []).append(_noise_of(lay, m.key))
@@ -237,7 +244,7 @@ def _spark(values: Sequence[float | None], width: int = 40) -> str:
 
 
 def render_text(run: RunData) -> str:
-    worst = max(run.run_states, key=lambda s: SEVERITY.get(s, -1))
+    worst = max(run.run_states, key=_severity)
     out = [
         f"moewatch report: run {run.run!r}, {run.windows} windows, steps {run.step_first}-{run.step_last}, "
         f"{run.tokens} tokens; final state {run.run_states[-1]}, worst {worst}",
@@ -460,10 +467,10 @@ def render_html(run: RunData) -> str:
     from moewatch import __version__ as version  # type: ignore[attr-defined]
 
     legend = "".join(f'<span style="background:{c}"></span>{k}' for k, c in STATE_COLOR.items())
-    worst = max(run.run_states, key=lambda s: SEVERITY.get(s, -1))
+    worst = max(run.run_states, key=_severity)
     sections = []
     for s in run.layers:
-        metrics = "".join(svg_metric(s, m, run.thresholds) for m in METRICS)
+        metrics = "".join(svg_metric(s, m, run.thresholds) for m in thresholded_metrics())
         sections.append(
             f'<section class="layer-section" id="layer-{s.index}"><h2>layer {s.index} '
             f'<span class="muted">{html.escape(s.module)}, {s.num_experts} experts</span> &mdash; '
@@ -535,7 +542,7 @@ def render_png(run: RunData, out_dir: Path) -> list[Path]:
         ax_h.set_ylabel("expert")
         ax_h.set_xlabel("window end step")
         fig.colorbar(im, ax=ax_h, label="load / fair share")
-        for row, m in enumerate(METRICS, start=1):
+        for row, m in enumerate(thresholded_metrics(), start=1):
             ax = fig.add_subplot(grid[row, 1])
             vals = [math.nan if v is None else v for v in s.values[m.key]]
             real = [v for v in vals if not math.isnan(v)]

@@ -5,7 +5,6 @@ configured), 2 for configuration errors (raised as ConfigError, printed by ``moe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import time
 from dataclasses import replace
@@ -70,7 +69,7 @@ def run_alert_test(args: argparse.Namespace) -> int:
     import requests
 
     from moewatch.alerting.delivery import HttpRequest, RetryPolicy, post_with_retries
-    from moewatch.alerting.model import Notification
+    from moewatch.alerting.model import Notification, incident_key
     from moewatch.alerting.notifiers import PagerDutyNotifier
     from moewatch.alerting.sink import build_notifiers
 
@@ -89,7 +88,7 @@ def run_alert_test(args: argparse.Namespace) -> int:
         return 1
     run = args.run_name or cfg.run_name
     now = time.time()
-    key = "moewatch-test-" + hashlib.sha256(f"{run}\0{now}".encode()).hexdigest()[:16]
+    key = "moewatch-test-" + incident_key(run, now, length=16)
     test = Notification(
         run=run, window=0, step=0, time=now, alerts=(), test=True,
         grafana_url=alerts.grafana_url, external_url=alerts.external_url or alerts.grafana_url, incident=key,

@@ -77,14 +77,17 @@ class HttpNotifier(Protocol):
     def target(self) -> str: ...
 
 
+_ALERTS = AlertsConfig.model_fields  # RetryPolicy's defaults are the settings' defaults
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    connect_timeout: float = 3.05
-    read_timeout: float = 10.0
-    max_retries: int | None = None  # None: retry while the process lives
-    backoff_initial: float = 1.0
-    backoff_max: float = 300.0
-    retry_after_max: float = 300.0
+    connect_timeout: float = _ALERTS["connect_timeout"].default
+    read_timeout: float = _ALERTS["read_timeout"].default
+    max_retries: int | None = _ALERTS["max_retries"].default  # None: retry while the process lives
+    backoff_initial: float = _ALERTS["backoff_initial"].default
+    backoff_max: float = _ALERTS["backoff_max"].default
+    retry_after_max: float = _ALERTS["retry_after_max"].default
 
     @classmethod
     def from_config(cls, cfg: AlertsConfig) -> RetryPolicy:

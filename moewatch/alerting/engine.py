@@ -15,13 +15,12 @@ that :meth:`state_dict` is always consistent with the reports seen so far.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import urllib.parse
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from moewatch.alerting.model import ALERT_NAMES, Alert, MetricValue, Notification, fingerprint
+from moewatch.alerting.model import Alert, MetricValue, Notification, alert_labels, fingerprint, incident_key
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.config import Thresholds
 from moewatch.health import BOUNDS
@@ -198,8 +197,9 @@ class AlertEngine:
         track.status = "firing"
         track.fired_at = report.time_end
         track.fired_window = report.window
-        seed = f"{report.run}\0{track.layer}\0{track.condition}\0{report.window}\0{report.time_end}"
-        track.incident = hashlib.sha256(seed.encode()).hexdigest()[:12]
+        track.incident = incident_key(
+            report.run, track.layer, track.condition, report.window, report.time_end, length=12
+        )
         log.debug("alert %s layer %d fired at window %d", track.condition, track.layer, report.window)
 
     # --- rendering ----------------------------------------------------------------------------------
@@ -210,14 +210,7 @@ class AlertEngine:
         cond = AlertCondition(track.condition)
         run = track.run
         severity = self.config.severity_of(cond)
-        labels = {
-            "alertname": ALERT_NAMES[cond],
-            "run": run,
-            "layer": str(track.layer),
-            "module": track.module,
-            "condition": cond.value,
-            "severity": severity.value,
-        }
+        labels = alert_labels(cond, run, track.layer, track.module, severity)
         summary, description = self._texts(track, cond, status)
         assert track.fired_at is not None
         return Alert(

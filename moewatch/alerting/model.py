@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 from moewatch.alerting.settings import AlertCondition, Severity
 
-__all__ = ["Alert", "MetricValue", "Notification", "fingerprint", "rfc3339"]
+__all__ = ["Alert", "MetricValue", "Notification", "alert_labels", "fingerprint", "incident_key", "rfc3339"]
 
 ALERT_NAMES = {
     AlertCondition.COLLAPSED: "MoEWatchLayerCollapsed",
@@ -18,6 +18,25 @@ ALERT_NAMES = {
     AlertCondition.PROJECTED_COLLAPSE: "MoEWatchProjectedCollapse",
     AlertCondition.INVALID_IDS: "MoEWatchRouterInvalidIds",
 }
+
+
+def alert_labels(
+    condition: AlertCondition, run: str, layer: int, module: str, severity: Severity
+) -> dict[str, str]:
+    """The identifying labels of an alert (Alertmanager's ``labels``; the fingerprint hashes them)."""
+    return {
+        "alertname": ALERT_NAMES[condition],
+        "run": run,
+        "layer": str(layer),
+        "module": module,
+        "condition": condition.value,
+        "severity": severity.value,
+    }
+
+
+def incident_key(*parts: object, length: int) -> str:
+    """A hex digest of ``parts`` for an incident or dedup key: the same parts give the same key."""
+    return hashlib.sha256("\0".join(f"{p}" for p in parts).encode()).hexdigest()[:length]
 
 
 def fingerprint(labels: dict[str, str]) -> str:
@@ -91,14 +110,7 @@ class Alert:
 
     @property
     def labels(self) -> dict[str, str]:
-        return {
-            "alertname": self.name,
-            "run": self.run,
-            "layer": str(self.layer),
-            "module": self.module,
-            "condition": self.condition.value,
-            "severity": self.severity.value,
-        }
+        return alert_labels(self.condition, self.run, self.layer, self.module, self.severity)
 
     @property
     def annotations(self) -> dict[str, str]:

@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 __all__ = ["AlertCondition", "AlertsConfig", "Severity", "parse_duration"]
 
 
+#: PagerDuty Events API v2 endpoint (the default of ``alerts.pagerduty_url``).
+PAGERDUTY_EVENTS_URL = "https://events.pagerduty.com/v2/enqueue"
+
+
 class AlertCondition(str, Enum):
     """What an alert is about; one alert per (run, layer, condition)."""
 
@@ -123,9 +127,7 @@ class AlertsConfig(BaseModel):
     pagerduty_routing_key: SecretStr | None = Field(
         None, description="PagerDuty Events API v2 integration (routing) key (secret); unset = no paging."
     )
-    pagerduty_url: str = Field(
-        "https://events.pagerduty.com/v2/enqueue", description="PagerDuty Events API v2 endpoint."
-    )
+    pagerduty_url: str = Field(PAGERDUTY_EVENTS_URL, description="PagerDuty Events API v2 endpoint.")
     pagerduty_conditions: list[AlertCondition] = _conditions_field(  # type: ignore[assignment]
         [AlertCondition.COLLAPSED, AlertCondition.DEAD_EXPERTS, AlertCondition.NONFINITE], "PagerDuty"
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import time
 import weakref
@@ -14,7 +13,7 @@ from typing import Any
 from moewatch.alerting.callbacks import AlertCallback, CallbackDispatcher
 from moewatch.alerting.delivery import DeliveryWorker, HttpNotifier, RetryPolicy
 from moewatch.alerting.engine import AlertEngine
-from moewatch.alerting.model import Notification
+from moewatch.alerting.model import Notification, incident_key
 from moewatch.alerting.notifiers import LogNotifier, PagerDutyNotifier, SlackNotifier, WebhookNotifier
 from moewatch.alerting.security import check_url, register_secrets
 from moewatch.alerting.settings import AlertsConfig
@@ -137,8 +136,7 @@ class AlertSink:
         key = self._incidents.get(name, "")
         if part.firing:
             if not key:
-                seed = f"{part.run}\0{name}\0{part.window}\0{part.time}"
-                key = "moewatch-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
+                key = "moewatch-" + incident_key(part.run, name, part.window, part.time, length=24)
             self._incidents[name] = key
         else:
             self._incidents.pop(name, None)

@@ -15,11 +15,11 @@ from typing import Any
 from moewatch.alerting.delivery import HttpRequest
 from moewatch.alerting.model import Alert, Notification, rfc3339
 from moewatch.alerting.notifiers.common import headline, redacted_target
-from moewatch.alerting.settings import AlertCondition, Severity
+from moewatch.alerting.settings import PAGERDUTY_EVENTS_URL, AlertCondition, Severity
 
 __all__ = ["DEFAULT_URL", "PagerDutyNotifier", "pagerduty_event"]
 
-DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
+DEFAULT_URL = PAGERDUTY_EVENTS_URL
 _MAX_DETAIL_ALERTS = 100
 _ORDER = list(Severity)  # critical first
 
