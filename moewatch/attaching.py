@@ -21,7 +21,7 @@ from moewatch.sinks.factory import build_sinks
 
 __all__ = ["attach"]
 
-log = logging.getLogger("moewatch")
+log = logging.getLogger(__name__)
 
 
 def attach(

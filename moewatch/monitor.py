@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moewatch._once import Once
 from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.adapters.failures import report_router_failure
@@ -42,7 +43,7 @@ from moewatch.window import WindowMeta, build_window_report
 
 __all__ = ["AlreadyAttachedError", "Monitor"]
 
-log = logging.getLogger("moewatch")
+log = logging.getLogger(__name__)
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, Monitor] = weakref.WeakKeyDictionary()
 
@@ -90,7 +91,7 @@ class Monitor:
         self._group = process_group
         self._handles: list[Any] = []
         self._disabled = [False] * len(specs)
-        self._invalid_ids_logged = [False] * len(specs)
+        self._invalid_ids_logged = Once()  # keyed by router position
         self.hook_errors = 0
         self.latest: WindowReport | None = None
         # prometheus.per_rank: the exporter of every rank gets a report of that rank's own counts.
@@ -504,10 +505,9 @@ class Monitor:
     def _log_invalid_ids(self, report: WindowReport) -> None:
         """Warn once per router whose ids fall outside ``[0, E)``, from the window's host counts (the hot path
         only counts them, in the buffer's edge columns)."""
-        for layer in report.layers:
-            if layer.invalid_ids <= 0 or self._invalid_ids_logged[layer.index]:
+        for i, layer in enumerate(report.layers):
+            if layer.invalid_ids <= 0 or not self._invalid_ids_logged.first(i):
                 continue
-            self._invalid_ids_logged[layer.index] = True
             e, below = layer.num_experts, layer.invalid_ids_below
             log.warning(
                 "moewatch: router %r (layer %d, family %r) produced %d expert ids outside its range [0, %d) in "

@@ -63,7 +63,7 @@ def test_outage_across_collapse_delivers_present_state_once(fault: str, caplog: 
         first.stop()  # nothing listens on the port: connections are refused
     sink = AlertSink(_config(url))
     t0 = time.monotonic()
-    with caplog.at_level(logging.INFO, logger="moewatch.alerts"):
+    with caplog.at_level(logging.INFO, logger="moewatch"):
         for report in _reports():  # a collapse during the outage, one window every 0.4 s
             sink.emit(report)
             time.sleep(0.4)
@@ -96,7 +96,7 @@ def test_close_logs_and_counts_what_is_undelivered(caplog: pytest.LogCaptureFixt
         sink.emit(_reports()[0])
         time.sleep(0.3)
         t0 = time.monotonic()
-        with caplog.at_level(logging.WARNING, logger="moewatch.alerts"):
+        with caplog.at_level(logging.WARNING, logger="moewatch"):
             sink.close()
         took = time.monotonic() - t0
     assert took < 0.5 + 0.5

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "moewatch"
 
 #: Lowest first. A module's layer is that of the first pattern it matches.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("leaf", ("moewatch._version", "moewatch._lazy", "moewatch.errors")),
+    ("leaf", ("moewatch._version", "moewatch._lazy", "moewatch._once", "moewatch.errors")),
     (
         "settings",
         (

@@ -166,3 +166,18 @@ def test_nonfinite_router_outputs_are_a_warning_on_console_and_metrics() -> None
     table = render_table(watch.latest)
     cells = {str(c.header): [str(v) for v in c.cells] for c in table.columns}
     assert cells["NaN/inf"] == ["5"] and cells["bad ids"] == ["0"]
+
+
+def test_invalid_ids_on_a_pipeline_stage_with_a_layer_offset_warn_once_under_the_global_number(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = ToyMoE(num_experts=E, top_k=K, layers=1)
+    with caplog.at_level(logging.WARNING, logger="moewatch"), moewatch.attach(
+        model, routers=ROUTERS, extractor=_ids_99, layer_offset=6, **quiet(strict=False, window_steps=1)
+    ) as watch:
+        for _ in range(2):
+            model(tokens_for(_even(16)))
+            report = watch.step()
+    assert report is not None and report.layers[0].index == 6 and report.layers[0].invalid_ids == 16 * K
+    logged = [r.getMessage() for r in caplog.records if "outside its range" in r.getMessage()]
+    assert len(logged) == 1 and "(layer 6," in logged[0]

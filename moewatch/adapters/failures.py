@@ -11,7 +11,7 @@ from moewatch.adapters.base import RouterSpec
 
 __all__ = ["RouterReadWarning", "report_router_failure"]
 
-log = logging.getLogger("moewatch")
+log = logging.getLogger(__name__)
 
 
 class RouterReadWarning(RuntimeWarning):

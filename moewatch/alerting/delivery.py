@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import requests
 
+from moewatch._once import Once
 from moewatch.alerting.model import Notification
 from moewatch.alerting.security import redact, register_secrets
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
@@ -47,7 +48,7 @@ __all__ = [
     "redact",
 ]
 
-log = logging.getLogger("moewatch.alerts")
+log = logging.getLogger(__name__)
 
 _BODY_LOG_CHARS = 500
 
@@ -267,7 +268,7 @@ class DeliveryWorker:
         self._last_send = 0.0
         self._session = session or requests.Session()
         self._thread: threading.Thread | None = None
-        self._drop_logged = False
+        self._drop_logged = Once()
         self._inflight: Notification | None = None
         self._abandoned = False  # close() gave up on the in-flight notification (and counted it)
         self._failing = False  # the endpoint's last answer was a failure: coalesce what queues up
@@ -296,8 +297,7 @@ class DeliveryWorker:
             if len(self._queue) >= self._queue_size:
                 self._queue.popleft()
                 self.stats.add("dropped")
-                if not self._drop_logged:
-                    self._drop_logged = True
+                if self._drop_logged.first():
                     log.warning(
                         "moewatch: %s notification queue is full (%d); dropping the oldest (counted in "
                         "delivery_stats; raise alerts.queue_size if the service is only slow)",

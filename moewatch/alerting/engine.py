@@ -28,7 +28,7 @@ from moewatch.report import HealthState, LayerReport, WindowReport
 
 __all__ = ["AlertEngine"]
 
-log = logging.getLogger("moewatch.alerts")
+log = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
 

@@ -9,6 +9,7 @@ import threading
 from prometheus_client import push_to_gateway
 from prometheus_client.registry import CollectorRegistry
 
+from moewatch._once import Once
 from moewatch.exporter.settings import PushgatewayConfig, mask_password
 
 __all__ = ["Pusher", "default_rank", "local_rank"]
@@ -62,7 +63,7 @@ class Pusher:
         self._wake = threading.Condition()
         self._wanted = False
         self._stopping = False
-        self._failing = False
+        self._failing = Once()  # logged once per outage
         self.stats = {"success": 0, "failure": 0}
         self._thread = threading.Thread(target=self._loop, name="moewatch-pushgateway", daemon=True)
         self._thread.start()
@@ -105,7 +106,7 @@ class Pusher:
             )
         except Exception as exc:  # noqa: BLE001 - the network must never reach training
             self.stats["failure"] += 1
-            if not self._failing:
+            if self._failing.first():
                 log.warning(
                     "moewatch: push to Pushgateway %s failed (%s: %s); retrying at the next window. "
                     "Check pushgateway.url (MOEWATCH_PUSHGATEWAY__URL)",
@@ -113,12 +114,10 @@ class Pusher:
                     type(exc).__name__,
                     _redact_url(str(exc), self.url, self.display_url),
                 )
-            self._failing = True
             return
         self.stats["success"] += 1
-        if self._failing:
+        if self._failing.reset():
             log.info("moewatch: pushes to %s succeed again", self.display_url)
-        self._failing = False
 
 
 def _redact_url(text: str, url: str, shown: str) -> str:

@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - exercised in an environment without tr
 
 __all__ = ["MoEWatchCallback"]
 
-log = logging.getLogger("moewatch")
+log = logging.getLogger(__name__)
 
 
 class MoEWatchCallback(_Base):  # type: ignore[misc, valid-type]

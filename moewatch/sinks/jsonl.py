@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import IO
 
+from moewatch._once import Once
 from moewatch.errors import ConfigError
 from moewatch.report import WindowReport
 
@@ -52,7 +53,7 @@ class JsonlSink:
                 "would interleave their windows. Give this run its own run_name (MOEWATCH_RUN_NAME) or jsonl.path "
                 "(MOEWATCH_JSONL__PATH), or close the other monitor"
             )
-        self._failed = False
+        self._failed = Once()
 
     def emit(self, report: WindowReport) -> None:
         if self._fh is None:
@@ -61,9 +62,8 @@ class JsonlSink:
             self._fh.write(report.model_dump_json() + "\n")
             self._fh.flush()
         except OSError as exc:  # a full disk must not stop training
-            if not self._failed:
+            if self._failed.first():
                 log.warning("moewatch: writing %s failed (%s); further JSONL lines may be lost", self.path, exc)
-                self._failed = True
 
     def close(self) -> None:
         if self._fh is not None:

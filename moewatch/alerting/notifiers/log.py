@@ -7,7 +7,10 @@ import logging
 from moewatch.alerting.model import Notification
 from moewatch.alerting.notifiers.common import alert_line, headline
 
-__all__ = ["LogNotifier"]
+__all__ = ["ALERTS_LOGGER", "LogNotifier"]
+
+#: A receiver, not a module logger: route or silence alert lines apart from moewatch's own diagnostics.
+ALERTS_LOGGER = "moewatch.alerts"
 
 
 class LogNotifier:
@@ -16,7 +19,7 @@ class LogNotifier:
     name = "log"
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
-        self.log = logger or logging.getLogger("moewatch.alerts")
+        self.log = logger or logging.getLogger(ALERTS_LOGGER)
 
     def notify(self, n: Notification) -> None:
         level = logging.WARNING if n.firing else logging.INFO
