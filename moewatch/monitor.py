@@ -132,6 +132,7 @@ class Monitor:
         self._trend = TrendTracker(self.config.early_warning, self.config.thresholds)
         # Trend and idle windows of the per-rank reports (not in state_dict: they restart on resume).
         self._local_trend = TrendTracker(self.config.early_warning, self.config.thresholds)
+        self._local_history = RouterHistory(self._routers)
         for sink in self._sinks:
             self._bind(sink)
 
@@ -475,17 +476,18 @@ class Monitor:
         self, counts: WindowCounts, meta: WindowMeta, local: WindowCounts | None = None
     ) -> WindowReport | None:
         try:
-            report = self._trend.update(build_window_report(self._routers, counts, meta, self.config))
+            report = self._trend.update(self.history.update(build_window_report(self._routers, counts, meta, self.config)))
             own = report
             if local is not None:
-                own = self._local_trend.update(build_window_report(self._routers, local, meta, self.config))
+                own = self._local_trend.update(
+                    self._local_history.update(build_window_report(self._routers, local, meta, self.config))
+                )
         except Exception:
             if self.config.strict:
                 raise
             log.exception("moewatch: building window %d failed", meta.window)
             return None
         self.latest = report
-        self.history.update(report)
         reporting = self._reporting_rank()
         if reporting:
             self._log_invalid_ids(report)

@@ -42,8 +42,10 @@ def signature_difference(saved: list[dict[str, Any]], current: list[dict[str, An
 
 
 class RouterHistory:
-    """Cumulative counts and dead streaks, updated on the host from each window report (never on the
-    device, never on the hot path).
+    """Cumulative counts and per-expert idle windows (``dead_streaks``: windows since the expert last got
+    a token; a window in which the router routed nothing at all does not count), updated on the host from
+    each window report (never on the device, never on the hot path). The one owner of both: reports get
+    ``idle_windows`` from here.
 
     Legend: L = layers (routers), E = experts of a layer (layers may differ, so these are lists of arrays).
     """
@@ -53,12 +55,17 @@ class RouterHistory:
         self.dead_streak_LE = [np.zeros(r.num_experts, dtype=np.int64) for r in routers]
         self.windows = 0
 
-    def update(self, report: WindowReport) -> None:
+    def update(self, report: WindowReport) -> WindowReport:
+        """Fold ``report`` in; returns it with each layer's ``idle_windows``."""
+        layers = []
         for layer, cum_E, streak_E in zip(report.layers, self.cumulative_LE, self.dead_streak_LE, strict=True):
             loads_E = np.asarray(layer.loads, dtype=np.int64)
             cum_E += loads_E
-            streak_E[:] = np.where(loads_E > 0, 0, streak_E + 1)
+            if layer.assignments > 0:
+                streak_E[:] = np.where(loads_E > 0, 0, streak_E + 1)
+            layers.append(layer.model_copy(update={"idle_windows": streak_E.tolist()}))
         self.windows += 1
+        return report.model_copy(update={"layers": layers})
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,5 @@
-"""Early warning: per layer, where the health metrics are heading, and per expert, how long it has been idle.
+"""Early warning: per layer, where the health metrics are heading (idle windows per expert are kept by
+:class:`moewatch.resume.RouterHistory`).
 
 Router collapse is a positive feedback loop, so a layer's imbalance grows exponentially: each metric's
 *badness* ``x`` (``load_cov``, ``top2_excess``, ``1 - norm_entropy``; 0 for a perfectly balanced router)
@@ -74,11 +75,11 @@ class _LayerHistory:
     cov: deque[float]
     top2: deque[float]
     ent: deque[float]
-    idle: np.ndarray
+    num_experts: int
 
 
 class TrendTracker:
-    """Stateful per-run pass over window reports: adds ``projected_collapse_step`` and ``idle_windows``."""
+    """Stateful per-run pass over window reports: adds ``projected_collapse_step``."""
 
     def __init__(self, config: EarlyWarningConfig, thresholds: object) -> None:
         self.config = config
@@ -86,10 +87,10 @@ class TrendTracker:
         self._layers: dict[int, _LayerHistory] = {}
 
     def state_dict(self) -> dict[str, object]:
-        """JSON-able history (for a training checkpoint): idle windows survive a resume."""
+        """JSON-able history (for a training checkpoint): trends survive a resume."""
         return {
             str(i): {"steps": list(h.steps), "cov": list(h.cov), "top2": list(h.top2), "ent": list(h.ent),
-                     "idle": [int(v) for v in h.idle]}
+                     "num_experts": h.num_experts}
             for i, h in self._layers.items()
         }
 
@@ -100,7 +101,9 @@ class TrendTracker:
             d = dict(raw)  # type: ignore[call-overload]
             self._layers[int(key)] = _LayerHistory(
                 deque(d["steps"], maxlen=m), deque(d["cov"], maxlen=m), deque(d["top2"], maxlen=m),
-                deque(d["ent"], maxlen=m), np.asarray(d["idle"], dtype=np.int64),
+                deque(d["ent"], maxlen=m),
+                # states before idle windows moved to RouterHistory held them here ("idle")
+                int(d["num_experts"]) if "num_experts" in d else len(d.get("idle", [])),
             )
 
     def update(self, report: WindowReport) -> WindowReport:
@@ -110,16 +113,12 @@ class TrendTracker:
     def _layer(self, layer: LayerReport, report: WindowReport) -> LayerReport:
         m = self.config.windows
         h = self._layers.get(layer.index)
-        if h is None or h.idle.size != layer.num_experts:
-            h = _LayerHistory(deque(maxlen=m), deque(maxlen=m), deque(maxlen=m), deque(maxlen=m),
-                              np.zeros(layer.num_experts, dtype=np.int64))
+        if h is None or h.num_experts != layer.num_experts:
+            h = _LayerHistory(deque(maxlen=m), deque(maxlen=m), deque(maxlen=m), deque(maxlen=m), layer.num_experts)
             self._layers[layer.index] = h
-        loads = np.asarray(layer.loads, dtype=np.int64)
-        if layer.assignments > 0:
-            h.idle = np.where(loads > 0, 0, h.idle + 1)
-        update: dict[str, object] = {"idle_windows": [int(v) for v in h.idle]}
+        update: dict[str, object] = {}
         if not self.config.enabled or layer.assignments <= 0:
-            return layer.model_copy(update=update)
+            return layer
         h.steps.append(report.step_end)
         h.cov.append(_num(layer.load_cov))
         h.top2.append(_num(layer.top2_excess))

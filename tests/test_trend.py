@@ -55,13 +55,27 @@ def _report(w: int, layer: LayerReport) -> WindowReport:
                         tokens=layer.tokens, layers=[layer], state=layer.state)
 
 
-def test_tracker_reports_projection_and_idle_windows():
+def test_history_counts_idle_windows_and_skips_windows_that_routed_nothing():
+    from types import SimpleNamespace
+
+    from moewatch.resume import RouterHistory
+
+    history = RouterHistory([SimpleNamespace(num_experts=4)])  # type: ignore[list-item]
+    idle = []
+    for w in range(6):
+        loads = [0, 0, 0, 0] if w == 3 else [100, 50, 10 if w < 2 else 0, 40]  # window 3: nothing routed
+        idle.append(history.update(_report(w, _layer(loads, 0.1))).layers[0].idle_windows)
+    assert idle[2] == [0, 0, 1, 0] and idle[3] == [0, 0, 1, 0]  # the empty window did not count
+    assert idle[-1] == [0, 0, 3, 0]
+    assert history.state_dict()["dead_streaks"] == [[0, 0, 3, 0]]
+
+
+def test_tracker_reports_projection():
     tracker = TrendTracker(EarlyWarningConfig(), Thresholds())
     out = []
     for w in range(6):
         loads = [100, 50, 10 if w < 2 else 0, 40]
         out.append(tracker.update(_report(w, _layer(loads, 0.1 * 1.5**w))).layers[0])
-    assert out[-1].idle_windows == [0, 0, 4, 0]
     assert out[0].projected_collapse_step is None  # one window: no trend yet
     last = out[-1]
     assert last.projected_collapse_metric == "load_cov"
