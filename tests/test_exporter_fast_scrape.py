@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 
+import pytest
 import requests
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -12,7 +13,9 @@ from prometheus_client.registry import CollectorRegistry
 from promhelpers import layer_report, window_report
 
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
-from moewatch.exporter.collector import MoEWatchCollector, _stamp
+from moewatch.exporter.collector import MoEWatchCollector
+from moewatch.exporter.exposition import expert_text
+from moewatch.exporter.families import expert_families, stamp
 
 
 def _report():
@@ -36,16 +39,26 @@ def _headers(text: str) -> list[str]:
     return sorted(line for line in text.splitlines() if line.startswith("#"))
 
 
-def test_expert_text_is_byte_identical_to_prometheus_client():
+class _Fams:
+    def __init__(self, families):
+        self.families = list(families)
+
+    def collect(self):
+        return self.families
+
+
+def _big_report():
+    """Counts past 1e7 (where Go, and so prometheus-client, switch to exponent notation) and idle windows."""
+    layers = [layer_report(0, loads=[12_345_678 + e for e in range(4)] + [0], module="m")]
+    return window_report(layers, run="r")
+
+
+@pytest.mark.parametrize("make", [_report, _big_report], ids=["small", "past-1e7"])
+def test_expert_text_is_byte_identical_to_prometheus_client(make):
     c = MoEWatchCollector('run "q"')
-    c.update(_report())
-    snap = c._snap
-
-    class Fams:
-        def collect(self):
-            return c._expert_families(snap, True)
-
-    assert c._expert_text(snap).encode() == generate_latest(Fams())
+    c.update(make())
+    snap = c.snapshot
+    assert expert_text(snap, c.run, {}).encode() == generate_latest(_Fams(expert_families(snap, c.run)))
 
 
 def test_http_scrape_equals_full_render_plain_and_gzip():
@@ -92,13 +105,9 @@ def test_constant_labels_on_the_fast_path_and_pushes_without_rank():
     labels = {"stage": "1", "rank": "3"}
     c = MoEWatchCollector('run "q"', labels=labels)
     c.update(_report())
-    snap = c._snap
-
-    class Fams:
-        def collect(self):
-            return list(_stamp(c._expert_families(snap, True), labels))
-
-    assert c._expert_text(snap).encode() == generate_latest(Fams())
+    snap = c.snapshot
+    expected = generate_latest(_Fams(stamp(expert_families(snap, c.run), labels)))
+    assert expert_text(snap, c.run, labels).encode() == expected
     registry = CollectorRegistry()
     ex = PrometheusExporter('run "q"', PrometheusConfig(host="127.0.0.1", port=0, per_rank=True), registry=registry,
                             rank=3, stage=1)  # fmt: skip

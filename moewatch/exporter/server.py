@@ -9,7 +9,6 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -17,7 +16,7 @@ from prometheus_client import make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from moewatch.errors import ConfigError
-from moewatch.exporter.exposition import split_app
+from moewatch.exporter.exposition import FastPath, split_app
 from moewatch.exporter.httpserver import GuardedWSGIServer, landing_page, route
 from moewatch.exporter.settings import PrometheusConfig
 
@@ -66,7 +65,7 @@ def _family(host: str, port: int) -> tuple[int, tuple[str, int]]:
 
 
 def start_metrics_server(
-    config: PrometheusConfig, registry: CollectorRegistry, static: Callable[[bool], bytes] | None = None
+    config: PrometheusConfig, registry: CollectorRegistry, fast: FastPath | None = None
 ) -> MetricsServer:
     """Serve ``registry`` on ``config.host:config.port``; a busy port is a ``ConfigError`` naming the port and
     the fix. A port that another monitor of this process serves (a notebook re-run, a second model) is not an
@@ -93,10 +92,10 @@ def start_metrics_server(
             config = config.model_copy(update={"certfile": tls.cert_file, "keyfile": tls.key_file})
     users = web.basic_auth_users if web is not None else {}
     try:
-        return _start(config, registry, static, users)
+        return _start(config, registry, fast, users)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE and config.port != 0 and config.port in _OWN_PORTS:
-            server = _start(config.model_copy(update={"port": 0}), registry, static, users)
+            server = _start(config.model_copy(update={"port": 0}), registry, fast, users)
             log.warning(
                 "moewatch: port %d is already served by another moewatch monitor in this process (a notebook "
                 "re-run or a second model?); serving this one at %s instead. Close the other monitor first, or "
@@ -118,7 +117,7 @@ def start_metrics_server(
 def _start(
     config: PrometheusConfig,
     registry: CollectorRegistry,
-    static: Callable[[bool], bytes] | None,
+    fast: FastPath | None,
     users: dict[str, str] | None = None,
 ) -> MetricsServer:
     """Bind and serve; OSError (busy port, bad host, unreadable certificate) goes to the caller."""
@@ -127,9 +126,7 @@ def _start(
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certfile=str(config.certfile), keyfile=str(config.keyfile))
     family, addr = _family(config.host, config.port)
-    metrics_app = make_wsgi_app(registry)
-    if static is not None:
-        metrics_app = split_app(metrics_app, static)
+    metrics_app = make_wsgi_app(registry) if fast is None else split_app(make_wsgi_app, registry, fast)
     page = landing_page("moewatch exporter", [("/metrics", "Metrics")])
     app = route(metrics_app, page)
     if users:

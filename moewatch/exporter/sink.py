@@ -82,7 +82,7 @@ class PrometheusExporter:
         self._pusher: Pusher | None = None
         try:
             if self.config.enabled:
-                self._server = start_metrics_server(self.config, self.registry, self.collector.static_exposition)
+                self._server = start_metrics_server(self.config, self.registry, self.collector.fast_path())
             if pushgateway is not None and pushgateway.url:
                 push_registry = CollectorRegistry()
                 push_registry.register(_Peek(self.collector))
