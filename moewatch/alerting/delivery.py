@@ -17,7 +17,6 @@ of a ``requests`` exception (which embeds the URL); service answers are logged w
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
 import random
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import requests
+from urllib3.exceptions import InvalidHeader
+from urllib3.util import Retry
 
 from moewatch._once import Once
 from moewatch.alerting.model import Notification
@@ -49,6 +50,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# urllib3's Retry parses Retry-After and knows which statuses carry it; the retry loop itself stays here
+# rather than in an HTTPAdapter(max_retries=Retry(...)) because moewatch needs what Retry does not give:
+# retries for as long as the process lives, counted one by one (moewatch_notifications_total{outcome=
+# "retried"}), a backoff that a newer notification of the same group can supersede, and a deadline at
+# close() that cuts a backoff sleep short.
+_RETRY = Retry()
 
 _BODY_LOG_CHARS = 500
 
@@ -139,19 +147,13 @@ class DeliveryResult:
 
 
 def retry_after_seconds(value: str | None) -> float | None:
-    """``Retry-After`` as seconds (delta-seconds or an HTTP date), or None."""
+    """``Retry-After`` as seconds (delta-seconds or an HTTP date, parsed by urllib3), or None."""
     if not value:
         return None
-    value = value.strip()
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, float(_RETRY.parse_retry_after(value.strip())))
+    except (InvalidHeader, TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def post_with_retries(
@@ -195,7 +197,7 @@ def post_with_retries(
             error = f"HTTP {status}"
             if status == 429 or status >= 500:
                 after = retry_after_seconds(resp.headers.get("Retry-After"))
-                if after is not None and status in (429, 503):
+                if after is not None and status in _RETRY.RETRY_AFTER_STATUS_CODES:
                     delay = min(after, policy.retry_after_max)
             else:  # other 4xx (and odd 1xx/3xx): the request itself is wrong, retrying will not help
                 log.warning(
