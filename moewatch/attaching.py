@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +32,8 @@ def attach(
     *,
     sinks: list[Sink] | None = None,
     process_group: Any = None,
+    routers: list[str] | Callable[[str, nn.Module], bool] | None = None,
+    extractor: Callable[..., Any] | None = None,
     **overrides: Any,
 ) -> Monitor:
     """Find every router in ``model``, hook it, and start counting.
@@ -46,6 +49,10 @@ def attach(
             counts). Defaults to the world group when ``torch.distributed`` is initialised with more than one
             rank; pass ``False`` to count each rank on its own. With ``pipeline_stage`` set, pass the stage's
             data-parallel group: the world group is refused (it would mix the stages' layers).
+        routers: only these modules are routers: glob patterns on dotted names (also the ``routers`` setting,
+            ``MOEWATCH_ROUTERS``), or a predicate ``(name, module) -> bool``. Default: auto-detect.
+        extractor: ``fn(module, inputs, output) -> moewatch.RouterOutput`` for the modules ``routers`` names,
+            when they are no router family moewatch reads.
         **overrides: top-level config fields, e.g. ``window_steps=10``.
     """
     if not isinstance(model, nn.Module):
@@ -68,7 +75,10 @@ def attach(
             process_group = torch.distributed.group.WORLD
     elif process_group is False:
         process_group = None
-    specs = discover_routers(model, cfg)
+    if isinstance(routers, list | tuple):
+        cfg = cfg.model_copy(update={"routers": list(routers)})  # globs are data: kept in the settings
+        routers = None
+    specs = discover_routers(model, cfg, routers=routers, extractor=extractor)
     rank_map = cfg.expert_rank_map
     if rank_map is not None:
         wrong = sorted({s.num_experts for s in specs if s.num_experts != len(rank_map)})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -146,14 +146,11 @@ class MoEWatchConfig(BaseSettings):
     )
     alerts: AlertsConfig = Field(default_factory=AlertsConfig, description="Alert rules and notifiers.")
 
-    routers: list[str] | Callable[[str, Any], bool] | None = Field(
+    routers: list[str] | None = Field(
         None,
-        description="Only these modules are routers: glob patterns on dotted names, or a predicate "
-        "(name, module) -> bool. Default: auto-detect.",
-    )
-    extractor: Callable[..., Any] | None = Field(
-        None,
-        description="Callable (module, inputs, output) -> moewatch.RouterOutput for routers named by `routers`.",
+        description="Only these modules are routers: glob patterns on dotted names. Default: auto-detect. "
+        "A predicate (name, module) -> bool and a custom extractor are attach() arguments, not settings: "
+        "the settings stay plain data that can be dumped and reloaded.",
     )
     top_k: int | None = Field(None, ge=1, description="k for plain nn.Linear gates that do not expose it.")
     num_experts: int | None = Field(None, ge=1, description="E for custom extractors that do not expose it.")

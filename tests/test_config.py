@@ -99,3 +99,13 @@ def test_every_field_is_documented():
                 check(ann)
 
     check(MoEWatchConfig)
+
+
+def test_settings_are_plain_data_that_dump_and_reload() -> None:
+    """Callables (a router predicate, an extractor) are attach() arguments, never settings."""
+    from moewatch.config import MoEWatchConfig
+
+    cfg = MoEWatchConfig(run_name="r", routers=["layers.*.router"], window_steps=7)
+    again = MoEWatchConfig.model_validate_json(cfg.model_dump_json())
+    assert again.routers == ["layers.*.router"] and again.window_steps == 7
+    assert "extractor" not in MoEWatchConfig.model_fields

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,8 +59,9 @@ def _ids_mismatch(name: str, ids_TK: torch.Tensor, k: int) -> str:
     )
 
 
-def _custom_spec(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec:
-    extractor = cfg.extractor
+def _custom_spec(
+    name: str, module: nn.Module, parent: nn.Module | None, cfg: Any, extractor: Callable[..., Any]
+) -> RouterSpec:
     e = cfg.num_experts or find_int_attr([module, parent], _E_NAMES)
     if e is None and isinstance(module, nn.Linear):
         e = module.out_features
@@ -90,10 +92,19 @@ def _match(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> 
     return None
 
 
-def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
-    """Routers in module order. With ``cfg.routers`` only the named modules are considered, and each of
-    them must be readable (by a known family, ``cfg.extractor``, or as a Linear gate with ``cfg.top_k``)."""
-    if cfg.extractor is not None and cfg.routers is None:
+def discover_routers(
+    model: nn.Module,
+    cfg: Any,
+    *,
+    routers: list[str] | Callable[[str, nn.Module], bool] | None = None,
+    extractor: Callable[..., Any] | None = None,
+) -> list[RouterSpec]:
+    """Routers in module order. With ``routers`` (default ``cfg.routers``: glob patterns, or a predicate
+    ``(name, module) -> bool``) only the named modules are considered, and each of them must be readable (by
+    a known family, ``extractor``, or as a Linear gate with ``cfg.top_k``)."""
+    if routers is None:
+        routers = cfg.routers
+    if extractor is not None and routers is None:
         raise ConfigError(
             "moewatch: extractor= reads the modules named by routers=; pass both, e.g. "
             "attach(model, routers=['layers.*.moe.router'], extractor=fn)"
@@ -105,11 +116,11 @@ def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
         if any(name.startswith(c + ".") for c in claimed):
             continue
         parent = parents.get(name)
-        if cfg.routers is not None:
-            if not _selected(name, module, cfg.routers):
+        if routers is not None:
+            if not _selected(name, module, routers):
                 continue
-            if cfg.extractor is not None:
-                spec = _custom_spec(name, module, parent, cfg)
+            if extractor is not None:
+                spec = _custom_spec(name, module, parent, cfg, extractor)
             else:
                 spec = _match(name, module, parent, cfg)
                 if spec is None and isinstance(module, nn.Linear) and module.out_features < 2:
@@ -142,8 +153,8 @@ def discover_routers(model: nn.Module, cfg: Any) -> list[RouterSpec]:
         claimed.append(name)
     if not specs:
         where = (
-            f"no module matched routers={cfg.routers!r}"
-            if cfg.routers is not None
+            f"no module matched routers={routers!r}"
+            if routers is not None
             else f"moewatch looked for {_LOOKED_FOR}"
         )
         raise NoRouterFoundError(
