@@ -132,16 +132,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _register_plugins(sub: argparse._SubParsersAction) -> None:
     from moewatch import offline_report, scan
+    from moewatch.alerting import cli as alerting_cli
 
     scan.register(sub)
     offline_report.register(sub)
-    try:
-        from moewatch.alerting import cli as alerting_cli
-    except ImportError:
-        return
-    register = getattr(alerting_cli, "register", None)
-    if register is not None:
-        register(sub)
+    alerting_cli.register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ __all__ = [
 
 
 class Thresholds(BaseModel):
-    """Health thresholds (DESIGN section 3). A metric is compared against its warning and collapsed bounds."""
+    """Health thresholds (README, "Metrics and health"). A metric is compared against its warning and collapsed bounds."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

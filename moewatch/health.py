@@ -1,4 +1,4 @@
-"""Health classification (DESIGN section 3): each metric to a state, a layer to its worst metric's state,
+"""Health classification (README, "Metrics and health"): each metric to a state, a layer to its worst metric's state,
 a run to its worst layer's. Pure functions.
 
 Noise-aware: a metric is judged against a threshold only where that threshold is clear of the window's

@@ -1,4 +1,4 @@
-"""Router-health metrics (DESIGN section 2), pure functions of one window's loads.
+"""Router-health metrics (README, "Metrics and health"), pure functions of one window's loads.
 
 ``loads`` is the assignment count per expert (length ``E``), ``A = sum(loads)``, fair share ``f = A / E``.
 Every function returns ``None`` where the metric is undefined (no assignments; ``E == 1`` for entropy;

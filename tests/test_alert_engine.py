@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pickle
 
-from webhook_server import make_layer, make_report
-
 from moewatch.alerting.engine import AlertEngine
 from moewatch.alerting.settings import AlertCondition, AlertsConfig, Severity
+from tests.webhook_server import make_layer, make_report
 
 C, W, D, N = (AlertCondition.COLLAPSED, AlertCondition.WARNING, AlertCondition.DEAD_EXPERTS,
               AlertCondition.NONFINITE)

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from promhelpers import REPO, layer_report, require_binary, window_report
 
 from moewatch.alerting.model import ALERT_NAMES
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
 from moewatch.exporter.rules import RuleOptions, alert_specs, rules_test_yaml, rules_yaml
+from tests.promhelpers import REPO, layer_report, require_binary, window_report
 
 ALERTS = REPO / "alerts"
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from webhook_server import WebhookServer, status
 
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.alerting.sink import AlertSink, build_notifiers
 from moewatch.config import ConfigError, MoEWatchConfig
+from tests.webhook_server import WebhookServer, status
 
 SLACK = "https://hooks.slack.com/services/T0SECRET/B0SECRET/abcSECRETxyz"
 PD_KEY = "R0UT1NGSECRET0123456789abcdefABC"

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 import transformers  # a test extra: missing it must fail, not skip
-from webhook_server import WebhookServer, make_layer, make_report, status
 
 import moewatch
 from moewatch.alerting.sink import AlertSink
 from moewatch.config import MoEWatchConfig
+from tests.webhook_server import WebhookServer, make_layer, make_report, status
 
 PD_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 # Every layer counts as collapsed in every window, and still-firing alerts repeat at every window: the

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from webhook_server import WebhookServer, status
 
 from moewatch import __version__
 from moewatch.cli import build_parser, main
+from tests.webhook_server import WebhookServer, status
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = {"MOEWATCH_PROMETHEUS__ENABLED": "false", "MOEWATCH_ALERTS__ENABLED": "false"}

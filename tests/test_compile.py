@@ -11,13 +11,13 @@ import logging
 
 import pytest
 import torch
-from fakes import quiet
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import moewatch
 from moewatch.demo.model import DemoMoE
+from tests.fakes import quiet
 
 TINY_MIXTRAL = dict(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

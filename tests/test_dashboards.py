@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from promhelpers import REPO, layer_report, require_binary, window_report
 
 from moewatch.config import Thresholds
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
 from moewatch.exporter.dashboards import DASHBOARDS, dashboard_files, panel_queries
 from moewatch.exporter.generate import generated_files
+from tests.promhelpers import REPO, layer_report, require_binary, window_report
 
 DASH_DIR = REPO / "dashboards"
 

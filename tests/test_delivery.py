@@ -8,12 +8,12 @@ import time
 from dataclasses import dataclass
 
 import pytest
-from webhook_server import WebhookServer, make_layer, make_report, status
 
 from moewatch.alerting.delivery import DeliveryWorker, HttpRequest, RetryPolicy, retry_after_seconds
 from moewatch.alerting.model import Notification
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.alerting.sink import AlertSink
+from tests.webhook_server import WebhookServer, make_layer, make_report, status
 
 SECRET_PATH = "/services/T0SECRET/B0SECRET/xoxbSECRETvalue"
 
@@ -202,7 +202,7 @@ def test_unclosed_sink_flushes_at_interpreter_exit() -> None:
     from pathlib import Path
 
     code = (
-        "import sys; from webhook_server import make_layer, make_report\n"
+        "import sys; from tests.webhook_server import make_layer, make_report\n"
         "from moewatch.alerting.settings import AlertsConfig\n"
         "from moewatch.alerting.sink import AlertSink\n"
         "sink = AlertSink(AlertsConfig(webhook_url=sys.argv[1], close_timeout=10, read_timeout=0.3,"

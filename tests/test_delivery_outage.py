@@ -9,10 +9,10 @@ import logging
 import time
 
 import pytest
-from webhook_server import WebhookServer, make_layer, make_report, ok, status
 
 from moewatch.alerting.settings import AlertsConfig
 from moewatch.alerting.sink import AlertSink
+from tests.webhook_server import WebhookServer, make_layer, make_report, ok, status
 
 PD_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 PATHS = ("/slack", "/pd", "/am")

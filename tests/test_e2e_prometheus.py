@@ -28,11 +28,18 @@ from pathlib import Path
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from promhelpers import REPO, managed_process, prom_query, start_prometheus, start_pushgateway, wait_until
 
 from moewatch.exporter.dashboards import DASHBOARDS, panel_queries
 from moewatch.exporter.rules import RuleOptions, rules_yaml
 from moewatch.sinks.jsonl import JsonlSink
+from tests.promhelpers import (
+    REPO,
+    managed_process,
+    prom_query,
+    start_prometheus,
+    start_pushgateway,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

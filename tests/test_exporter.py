@@ -11,12 +11,12 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
-from promhelpers import ToyMoE, free_port, layer_report, window_report
 
 import moewatch
 from moewatch.exporter import PrometheusConfig, PrometheusExporter, PushgatewayConfig
 from moewatch.exporter.collector import LAYER_GAUGES
 from moewatch.report import HealthState
+from tests.promhelpers import ToyMoE, free_port, layer_report, window_report
 
 
 def scrape(url: str, **kw: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -381,7 +381,7 @@ def test_per_window_families_are_rendered_once_per_window_not_per_scrape() -> No
 
 
 def test_missing_binary_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    from promhelpers import require_binary
+    from tests.promhelpers import require_binary
 
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):

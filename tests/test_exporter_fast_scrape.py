@@ -10,12 +10,12 @@ import requests
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
-from promhelpers import layer_report, window_report
 
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
 from moewatch.exporter.collector import MoEWatchCollector
 from moewatch.exporter.exposition import expert_text
 from moewatch.exporter.families import expert_families, stamp
+from tests.promhelpers import layer_report, window_report
 
 
 def _report():

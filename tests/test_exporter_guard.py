@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from promhelpers import ToyMoE
 
 import moewatch
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
+from tests.promhelpers import ToyMoE
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import os
 
 import torch
 import transformers  # a test extra: missing it must fail, not skip
-from webhook_server import WebhookServer, status
 
 from moewatch.config import MoEWatchConfig
 from moewatch.integrations._common import STATE_FILE
 from moewatch.integrations.transformers import MoEWatchCallback
+from tests.webhook_server import WebhookServer, status
 
 PD_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"
 ALWAYS_COLLAPSED = {"load_cov_warning": 0.0, "load_cov_collapsed": 0.0}

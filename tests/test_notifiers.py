@@ -7,7 +7,6 @@ import logging
 from dataclasses import replace
 
 import pytest
-from webhook_server import WebhookServer, make_layer, make_report, status
 
 from moewatch.alerting.engine import AlertEngine
 from moewatch.alerting.notifiers.common import CONDITION_TITLES, alert_line, headline
@@ -17,6 +16,7 @@ from moewatch.alerting.notifiers.webhook import alertmanager_payload
 from moewatch.alerting.settings import AlertCondition, AlertsConfig
 from moewatch.alerting.sink import AlertSink
 from moewatch.config import MoEWatchConfig
+from tests.webhook_server import WebhookServer, make_layer, make_report, status
 
 FAST = dict(slack_min_interval=0.0, backoff_initial=0.01, backoff_max=0.05, close_timeout=5.0)
 PD_KEY = "R0UT1NGKEY0123456789abcdefABCDEF"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-from promhelpers import free_port, layer_report, start_pushgateway, wait_until, window_report
 
 from moewatch.exporter import PrometheusConfig, PrometheusExporter, PushgatewayConfig
 from moewatch.report import HealthState
+from tests.promhelpers import free_port, layer_report, start_pushgateway, wait_until, window_report
 
 
 def gateway_value(base: str, name: str, **labels: str) -> float | None:

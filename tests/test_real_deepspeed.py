@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-from realfw import gloo_world, linear, norm_entropy, probs_of, require, z_loss
 from torch import nn
 
 import moewatch
 from tests.fakes import quiet
+from tests.realfw import gloo_world, linear, norm_entropy, probs_of, require, z_loss
 
 H, BATCH, SEQ, E, STEPS = 16, 2, 12, 4, 3
 TOKENS = BATCH * SEQ

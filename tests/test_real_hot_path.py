@@ -19,11 +19,11 @@ import test_real_torchtitan as ttt
 import torch
 import torch.nn.functional as F
 from frameworks.guards import no_host_sync_in_hooks
-from realfw import gloo_world, megatron_cpu, require
 from torch import nn
 
 import moewatch
 from tests.fakes import quiet
+from tests.realfw import gloo_world, megatron_cpu, require
 
 pytestmark = pytest.mark.timeout(600)
 

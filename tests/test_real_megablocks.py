@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from realfw import megablocks_router_module, norm_entropy
 from torch import nn
 
 import moewatch
 from tests.fakes import quiet
+from tests.realfw import megablocks_router_module, norm_entropy
 
 H, T, E, STEPS = 16, 24, 8, 3
 

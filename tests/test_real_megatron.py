@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 import torch
-from realfw import megatron_cpu, norm_entropy, probs_of, z_loss
 from torch import nn
 
 import moewatch
 from tests.fakes import quiet
+from tests.realfw import megatron_cpu, norm_entropy, probs_of, z_loss
 
 H, SEQ, BATCH, E, STEPS = 16, 12, 2, 8, 3
 TOKENS = SEQ * BATCH

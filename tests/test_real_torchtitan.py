@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-from realfw import norm_entropy, probs_of, require, z_loss
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import moewatch
 from tests.fakes import quiet
+from tests.realfw import norm_entropy, probs_of, require, z_loss
 
 D, B, L, E, STEPS = 16, 2, 8, 8, 3
 TOKENS = B * L

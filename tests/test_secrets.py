@@ -8,13 +8,13 @@ import time
 from urllib.parse import quote
 
 import pytest
-from webhook_server import WebhookServer, make_layer, make_report, status
 
 from moewatch.alerting.cli import run_alert_test
 from moewatch.alerting.settings import AlertsConfig
 from moewatch.alerting.sink import AlertSink
 from moewatch.config import ConfigError, MoEWatchConfig, build_config
 from moewatch.exporter import PrometheusExporter, PushgatewayConfig
+from tests.webhook_server import WebhookServer, make_layer, make_report, status
 
 SLACK_PATH = "/services/T0SECRET/B0SECRET/xoxbSECRETvalue"
 TOKEN = "tokSECRET12345"

@@ -120,7 +120,7 @@ def alert_specs(opts: RuleOptions = RuleOptions()) -> list[AlertSpec]:
         ),
         AlertSpec(
             "MoEWatchDeadExperts",
-            # insufficient_data (-1) windows never alert (DESIGN section 3)
+            # insufficient_data (-1) windows never alert (moewatch.health)
             "moewatch_layer_dead_experts > 0 and moewatch_layer_state >= 0",
             opts.dead_for,
             "warning",
