@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from moewatch.report import HealthState, WindowReport
+from typing import Any
 
-__all__ = ["DegradeTrigger", "STATE_FILE", "STATE_VALUE", "log_keys"]
+from moewatch.config import MoEWatchConfig
+from moewatch.report import STATE_VALUES, HealthState, WindowReport
+
+__all__ = ["DegradeTrigger", "STATE_FILE", "CallbackBase", "log_keys"]
 
 STATE_FILE = "moewatch_state.pt"
-STATE_VALUE = {HealthState.HEALTHY: 0, HealthState.WARNING: 1, HealthState.COLLAPSED: 2}
 LAYER_METRICS = ("load_cov", "dead_experts", "top2_share", "norm_entropy", "max_violation", "effective_experts")
 
 
 def _state_value(state: HealthState) -> int:
-    return STATE_VALUE.get(state, -1)  # -1: insufficient data
+    return STATE_VALUES[state]  # -1: insufficient data
 
 
 def log_keys(report: WindowReport, prefix: str = "moewatch") -> dict[str, float]:
@@ -66,3 +68,27 @@ class DegradeTrigger:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.healthy_seen = {int(i) for i in state.get("healthy_seen", [])}  # type: ignore[union-attr]
         self.fired = bool(state.get("fired", False))
+
+
+class CallbackBase:
+    """What both framework callbacks take and hold (their docstrings say what differs: how a rollback
+    checkpoint is saved).
+
+    Args:
+        config: a :class:`MoEWatchConfig` (default: from ``MOEWATCH_*`` environment variables).
+        save_on_degrade: save one rollback checkpoint per run, the first time a layer that was healthy is
+            warning or collapsed, or a layer is collapsed for the first time (dead experts are not revived
+            by training on from a later checkpoint).
+        log_prefix: prefix of the keys added to the trainer's logs.
+        **overrides: top-level config fields, as for :func:`moewatch.attach` (``window_steps=50``).
+    """
+
+    def _init_common(
+        self, config: MoEWatchConfig | None, save_on_degrade: bool, log_prefix: str, overrides: dict[str, Any]
+    ) -> None:
+        self.config = config
+        self.overrides = overrides
+        self.save_on_degrade = save_on_degrade
+        self.log_prefix = log_prefix
+        self.trigger = DegradeTrigger()
+        self._seen: WindowReport | None = None  # last report handled

@@ -18,9 +18,8 @@ from typing import Any
 
 from moewatch.attaching import attach
 from moewatch.config import MoEWatchConfig
-from moewatch.integrations._common import DegradeTrigger, log_keys
+from moewatch.integrations._common import CallbackBase, log_keys
 from moewatch.monitor import Monitor
-from moewatch.report import WindowReport
 
 try:
     from pytorch_lightning import Callback as _Base
@@ -35,32 +34,20 @@ __all__ = ["MoEWatchCallback"]
 log = logging.getLogger(__name__)
 
 
-class MoEWatchCallback(_Base):  # type: ignore[misc, valid-type]
-    """Router health for a Lightning ``Trainer.fit``.
-
-    Args:
-        config: a :class:`MoEWatchConfig` (default: from ``MOEWATCH_*`` environment variables).
-        save_on_degrade: ``trainer.save_checkpoint`` once per run, at the end of the first window in which a
-            layer that was healthy is warning or collapsed, or a layer is collapsed for the first time; the
-            file is ``<dirpath>/moewatch-rollback-step=<N>.ckpt`` (``dirpath``: the ModelCheckpoint's, else
-            ``trainer.default_root_dir``).
-        log_prefix: prefix of the logged keys.
-        **overrides: top-level config fields (``window_steps=50``).
-    """
+class MoEWatchCallback(CallbackBase, _Base):  # type: ignore[misc, valid-type]
+    """Router health for a Lightning ``Trainer.fit``. Arguments as :class:`CallbackBase`; with
+    ``save_on_degrade`` the rollback point is ``trainer.save_checkpoint`` at the end of that window, to
+    ``<dirpath>/moewatch-rollback-step=<N>.ckpt`` (``dirpath``: the ModelCheckpoint's, else
+    ``trainer.default_root_dir``)."""
 
     def __init__(self, config: MoEWatchConfig | None = None, *, save_on_degrade: bool = False,
                  log_prefix: str = "moewatch", **overrides: Any) -> None:
         if _Base is object:
             raise ImportError("moewatch.integrations.lightning needs Lightning: pip install pytorch-lightning")
-        self.config = config
-        self.overrides = overrides
-        self.save_on_degrade = save_on_degrade
-        self.log_prefix = log_prefix
+        self._init_common(config, save_on_degrade, log_prefix, overrides)
         self.watch: Monitor | None = None
-        self.trigger = DegradeTrigger()
         self.rollback_paths: list[str] = []
         self._pending_state: dict[str, Any] | None = None
-        self._seen: WindowReport | None = None
 
     @property
     def state_key(self) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from moewatch.attaching import attach
 from moewatch.config import MoEWatchConfig
-from moewatch.integrations._common import STATE_FILE, DegradeTrigger, log_keys
+from moewatch.integrations._common import STATE_FILE, CallbackBase, log_keys
 from moewatch.monitor import Monitor
 from moewatch.report import WindowReport
 
@@ -35,17 +35,10 @@ __all__ = ["MoEWatchCallback"]
 log = logging.getLogger(__name__)
 
 
-class MoEWatchCallback(_Base):  # type: ignore[misc, valid-type]
-    """Router health for a ``transformers.Trainer`` run.
-
-    Args:
-        config: a :class:`MoEWatchConfig` (default: from ``MOEWATCH_*`` environment variables).
-        save_on_degrade: request a checkpoint (``control.should_save = True``) the first time a layer goes
-            from healthy to warning or collapsed: a rollback point from before the collapse (dead experts
-            are not revived by training on from a later checkpoint). Once per run, resumes included.
-        log_prefix: prefix of the keys added to the trainer's logs.
-        **overrides: top-level config fields, as for :func:`moewatch.attach` (``window_steps=50``).
-    """
+class MoEWatchCallback(CallbackBase, _Base):  # type: ignore[misc, valid-type]
+    """Router health for a ``transformers.Trainer`` run. Arguments as :class:`CallbackBase`; with
+    ``save_on_degrade`` the rollback point is requested with ``control.should_save = True`` (once per run,
+    resumes included)."""
 
     def __init__(
         self,
@@ -57,14 +50,9 @@ class MoEWatchCallback(_Base):  # type: ignore[misc, valid-type]
     ) -> None:
         if _Base is object:
             raise ImportError("moewatch.integrations.transformers needs transformers: pip install transformers")
-        self.config = config
-        self.overrides = overrides
-        self.save_on_degrade = save_on_degrade
-        self.log_prefix = log_prefix
+        self._init_common(config, save_on_degrade, log_prefix, overrides)
         self.watch: Monitor | None = None
-        self.trigger = DegradeTrigger()
         self.rollback_steps: list[int] = []  # global steps at which a rollback checkpoint was requested
-        self._seen: WindowReport | None = None  # last report handled by on_step_end
         self._logged: WindowReport | None = None  # last report put into the logs
         self._manual = False
 
