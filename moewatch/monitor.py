@@ -464,11 +464,19 @@ class Monitor:
         return None if ready is None else self._publish(*ready)
 
     def _poll_pending(self) -> WindowReport | None:
-        ready = self._flusher.poll()
+        try:
+            ready = self._flusher.poll()
+        except StepMismatchError:
+            self._detach()  # a non-blocking (CUDA) window found misaligned when its copy lands
+            raise
         return None if ready is None else self._publish(*ready)
 
     def _finish_pending(self) -> None:
-        ready = self._flusher.finish()
+        try:
+            ready = self._flusher.finish()
+        except StepMismatchError:
+            self._detach()
+            raise
         if ready is not None:
             self._publish(*ready)
 
