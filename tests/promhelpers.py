@@ -75,6 +75,12 @@ def wait_until(
     )
 
 
+def _default_sigint() -> None:
+    # A test suite started in the background (nohup, `&`) inherits SIGINT ignored, and Python then never
+    # raises KeyboardInterrupt: children that a test stops with SIGINT get the default disposition back.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextmanager
 def managed_process(
     argv: Sequence[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
@@ -82,7 +88,8 @@ def managed_process(
     """Start a process in its own process group; on exit terminate the group (kill after 10 s)."""
     log_fh = log_path.open("wb")
     proc = subprocess.Popen(
-        list(argv), stdout=log_fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        list(argv), stdout=log_fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True,
+        preexec_fn=_default_sigint,
     )
     try:
         yield proc
