@@ -14,6 +14,7 @@ import logging
 import platform
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -46,6 +47,24 @@ class _Families:
 
     def collect(self) -> list[Metric]:
         return self._families
+
+
+class _Deferred(Metric):
+    """A per-window family whose samples are built on first read, for the whole window at once (the fast
+    path leaves these families out by name and never reads them: on a 60x256 model building them costs
+    more than the scrape it serves)."""
+
+    def __init__(self, template: Metric, build: Callable[[], dict[str, Metric]]) -> None:
+        super().__init__(template.name, template.documentation, template.type, template.unit)
+        self._build = build
+
+    @property  # type: ignore[override]
+    def samples(self) -> list[Any]:
+        return self._build()[self.name].samples
+
+    @samples.setter
+    def samples(self, value: list[Any]) -> None:
+        pass  # Metric.__init__ sets [] and nothing else writes to a deferred family
 
 
 def _versions() -> dict[str, str]:
@@ -87,6 +106,9 @@ class MoEWatchCollector(Collector):
         self._push_stats: Callable[[], dict[str, int]] | None = None
         self._build = _versions()
         self._cache: tuple[Snapshot | None, list[Metric]] | None = None
+        self._built: tuple[Snapshot | None, dict[str, Metric]] | None = None
+        self._built_lock = threading.Lock()
+        self._templates = self._per_window(None)
         self._text_cache: dict[bool, tuple[Snapshot | None, bytes]] = {}
         self._text_lock = threading.Lock()
 
@@ -174,11 +196,20 @@ class MoEWatchCollector(Collector):
 
     def _report_families(self, snap: Snapshot | None) -> list[Metric]:
         # Families that depend only on the immutable snapshot are built once per window, not per scrape
-        # (60 layers x 256 experts is ~30k samples).
+        # (60 layers x 256 experts is ~30k samples), and only when a render reads them.
         cached = self._cache
         if cached is not None and cached[0] is snap:
             return cached[1]
-        fams = self._per_window(snap)
+
+        def build() -> dict[str, Metric]:
+            with self._built_lock:
+                built = self._built
+                if built is None or built[0] is not snap:
+                    built = (snap, {f.name: f for f in self._per_window(snap)})
+                    self._built = built
+                return built[1]
+
+        fams: list[Metric] = [_Deferred(t, build) for t in self._templates]
         self._cache = (snap, fams)
         return fams
 
