@@ -183,7 +183,7 @@ class Accumulator:
         if logits is None and out.probs_TE is None and out.logits_fn is not None:
             logits = out.logits_fn()
         if logits is not None and out.probs_TE is None:
-            logits = logits.detach()
+            # No detach: under no_grad nothing here records autograd history (one dispatch less per call).
             if logits.dim() != 2:
                 logits = logits.reshape(-1, e)
             if logits.dtype is not torch.float32:

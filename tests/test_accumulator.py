@@ -66,26 +66,34 @@ def _reference(idx: torch.Tensor, logits: torch.Tensor, e: int) -> tuple[list[in
 @pytest.mark.parametrize("t,e", [(64, 8), (1024, 8), (4096, 64), (3000, 40)])
 def test_counts_and_statistics_equal_the_definitions(t: int, e: int) -> None:
     """Exact counts (invalid ids in their edge columns) and float64-reference statistics, through both the
-    bucketize and the CPU clamp count paths and both softmax layouts, with non-finite rows of every kind."""
-    g = torch.Generator().manual_seed(t + e)
-    idx = torch.randint(0, e, (t, 2), generator=g)
-    idx[:5, 0] = torch.tensor([-1, -7, e, e + 3, 10**6])  # invalid ids below and above
-    logits = torch.randn(t, e, generator=g) * 4
-    logits[1, 2] = float("nan")
-    logits[2, 0] = float("inf")
-    logits[3] = float("-inf")  # every expert -inf
-    logits[4, : e // 2] = float("-inf")  # masked experts: a finite row
-    logits[5] *= 1e4  # large but finite
-    acc = Accumulator([e, e + 3])  # a wider second router: this one's row is not the last column block
-    with torch.no_grad():
-        acc.update(0, RouterOutput(indices_TK=idx, logits_TE=logits), 2)
+    bucketize and the CPU clamp count paths and both softmax layouts, with non-finite rows of every kind,
+    for a router narrower than the widest (its statistics cells are not adjacent) and for the widest."""
+    widths = [e, e + 3]
+    acc = Accumulator(widths)
+    data = []
+    for layer, width in enumerate(widths):
+        g = torch.Generator().manual_seed(t + width)
+        idx = torch.randint(0, width, (t, 2), generator=g)
+        idx[:5, 0] = torch.tensor([-1, -7, width, width + 3, 10**6])  # invalid ids below and above
+        logits = torch.randn(t, width, generator=g) * 4
+        logits[1, 2] = float("nan")
+        logits[2, 0] = float("inf")
+        logits[3] = float("-inf")  # every expert -inf
+        logits[4, : width // 2] = float("-inf")  # masked experts: a finite row
+        logits[5] *= 1e4  # large but finite
+        with torch.no_grad():
+            acc.update(layer, RouterOutput(indices_TK=idx, logits_TE=logits), 2)
+        data.append((idx, logits))
     counts = _window(acc)
-    want_counts, want_stats = _reference(idx, logits, e)
-    e_max = e + 3
-    raw = [*counts.counts_LE1[0, :e].tolist()]
-    assert [int(counts.invalid_below_L[0]), *raw, int(counts.counts_LE1[0, e] - counts.invalid_below_L[0])] == want_counts
-    assert counts.tokens_L[0] == t and counts.prob_tokens_L[0] == t
-    got = np.concatenate([counts.stats_LS[0, :e], counts.stats_LS[0, e_max : e_max + 2]])
-    assert got[-1] == want_stats[-1] == t - 3  # finite rows, exactly: the NaN, +inf and all -inf rows are not
-    np.testing.assert_allclose(got[:e], want_stats[:e], rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(got[e], want_stats[e], rtol=1e-5)
+    e_max = max(widths)
+    for layer, (width, (idx, logits)) in enumerate(zip(widths, data, strict=True)):
+        want_counts, want_stats = _reference(idx, logits, width)
+        below = int(counts.invalid_below_L[layer])
+        got_counts = [below, *counts.counts_LE1[layer, :width].tolist(), int(counts.counts_LE1[layer, width]) - below]
+        assert got_counts == want_counts
+        assert counts.tokens_L[layer] == t and counts.prob_tokens_L[layer] == t
+        got = np.concatenate([counts.stats_LS[layer, :width], counts.stats_LS[layer, e_max : e_max + 2]])
+        assert got[-1] == want_stats[-1] == t - 3  # finite rows, exactly: the NaN, +inf and all -inf rows are not
+        np.testing.assert_allclose(got[:width], want_stats[:width], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got[width], want_stats[width], rtol=1e-5)
+        assert not counts.stats_LS[layer, width:e_max].any()  # nothing written between the two
