@@ -17,10 +17,10 @@ inside moewatch's eager router hooks and its optimizer post-hook on every step t
 (the monitor is strict there, so a sync stops the run; compiled router hooks are part of the graph, where
 ``tests/test_no_sync.py`` checks them).
 
-Besides the A/B blocks, the time inside the router hooks is measured directly (timing hooks right before and
-after moewatch's), in alternating rounds with a floor counter (``FloorCounter``: the same count kernels and
-nothing else), for count-only calls and for calls that sample the probability statistics; window ends are
-timed apart.
+Besides the A/B blocks, the time inside the router hooks is measured directly, on the same router calls as a
+floor counter's (``FloorCounter``: the same count kernels and nothing else; the two hooks swap places every
+step), for count-only calls and for calls that sample the probability statistics, and combined at moewatch's
+default sampling; window ends are timed apart.
 
     python benchmarks/overhead.py                       # all models, eager, CPU (~5 min on 2 cores)
     python benchmarks/overhead.py --compile             # + compiled variants (inductor; ~10 min)
@@ -191,55 +191,43 @@ class FloorCounter:
     forward hook per router that reads the indices through the same adapter (``spec.extract``), maps them to
     columns with invalid ids in the edge columns and adds them into a device buffer, with the kernels
     moewatch's eager count uses (``bucketize`` + ``index_add_``; on the CPU from ``_CLAMP_FROM`` ids on
-    ``add`` + ``clamp_`` + ``index_add_``, where CPU ``bucketize`` costs 15-30 ns per id). Nothing else: no
-    eval/checkpoint checks, no error handling, no probabilities, no window ends."""
+    ``add`` + ``clamp_`` + ``index_add_``, where CPU ``bucketize`` costs 15-30 ns per id) and its cheapest
+    host side (grad mode switched without a context manager, the ``index_add_`` source view made once per
+    size). Nothing else: no eval/checkpoint checks, no error handling, no probabilities, no window ends."""
 
     def __init__(self, specs: list[Any]) -> None:
         self.handles = []
+        set_grad_enabled, is_grad_enabled = torch._C._set_grad_enabled, torch.is_grad_enabled
         for spec in specs:
             e = spec.num_experts
             device = next(spec.hook_module.parameters()).device
             counts = torch.zeros(e + 2, dtype=torch.int64, device=device)
             edges = torch.arange(e + 1, device=device)
             one = torch.ones((), dtype=torch.int64, device=device)
+            ones: dict[int, torch.Tensor] = {}
+            clamp = device.type == "cpu"
 
             def hook(module: Any, args: Any, output: Any, spec: Any = spec, counts: Any = counts,
-                     edges: Any = edges, one: Any = one, e: int = e) -> None:
-                with torch.no_grad():
-                    idx = spec.extract(module, args, output).indices_TK
-                    if idx.numel() < _CLAMP_FROM or idx.device.type != "cpu":
-                        cols = torch.bucketize(idx, edges, right=True).view(-1)
-                    else:
-                        cols = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
-                    counts.index_add_(0, cols, one.expand(cols.shape[0]))
+                     edges: Any = edges, one: Any = one, ones: Any = ones, e: int = e, clamp: bool = clamp) -> None:
+                grad = is_grad_enabled()
+                set_grad_enabled(False)
+                idx = spec.extract(module, args, output).indices_TK
+                n = idx.numel()
+                if n < _CLAMP_FROM or not clamp:
+                    cols = torch.bucketize(idx, edges, right=True).view(-1)
+                else:
+                    cols = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
+                src = ones.get(n)
+                if src is None:
+                    src = ones[n] = one.expand(n)
+                counts.index_add_(0, cols, src)
+                set_grad_enabled(grad)
 
             self.handles.append(spec.hook_module.register_forward_hook(hook))
 
     def close(self) -> None:
         for h in self.handles:
             h.remove()
-
-
-def _timed_hooks_per_step(step: Callable[[int], None], specs: list[Any], steps: int, offset: int) -> tuple[float, float]:
-    """Thread time inside the forward hooks registered between two timing hooks on every router, per step
-    (µs), and router calls per step."""
-    spent, t_start, calls, handles = [0.0], [0.0], [0], []
-
-    def after(*_: Any) -> None:
-        spent[0] += time.thread_time() - t_start[0]
-        calls[0] += 1
-
-    for spec in specs:
-        handles.append(spec.hook_module.register_forward_hook(
-            lambda *_: t_start.__setitem__(0, time.thread_time()), prepend=True))
-        handles.append(spec.hook_module.register_forward_hook(after))
-    try:
-        for i in range(steps):
-            step(offset + i)
-    finally:
-        for h in handles:
-            h.remove()
-    return spent[0] / steps * 1e6, calls[0] / steps
 
 
 class SuspendableMonitor:
@@ -465,28 +453,68 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     )
 
 
+def _paired_hook_times(
+    w: Workload, specs: list[Any], watch: moewatch.Monitor, floor: FloorCounter, steps: int, offset: int
+) -> tuple[float, float, float]:
+    """moewatch's and the floor counter's router hooks, both registered, timed on the same router calls: each
+    hook's entry in the module's hook dict is wrapped with a thread-time timer, and the two swap places every
+    step (whichever runs second finds the indices and the kernels' code in cache). Returns (moewatch µs/step,
+    floor µs/step, router calls per step)."""
+    spent = {"moewatch": 0.0, "floor": 0.0}
+    calls = [0]
+    pairs, saved = [], []
+    for spec, floor_handle in zip(specs, floor.handles, strict=True):
+        hooks = spec.hook_module._forward_hooks
+        mw_key = next(h.id for h in watch._handles if h.hooks_dict_ref() is hooks and h.id in hooks)
+        for key, who in ((mw_key, "moewatch"), (floor_handle.id, "floor")):
+            fn = hooks[key]
+
+            def timed(*a: Any, fn: Any = fn, who: str = who) -> Any:
+                t = time.thread_time()
+                try:
+                    return fn(*a)
+                finally:
+                    spent[who] += time.thread_time() - t
+                    calls[0] += who == "floor"
+
+            saved.append((hooks, key, fn))
+            hooks[key] = timed
+        pairs.append((hooks, mw_key, floor_handle.id))
+    try:
+        for i in range(steps):
+            for hooks, mw_key, floor_key in pairs:
+                first, second = (floor_key, mw_key) if i % 2 == 0 else (mw_key, floor_key)
+                hooks.move_to_end(second, last=False)
+                hooks.move_to_end(first, last=False)
+            w.step(offset + i)
+    finally:
+        for hooks, key, fn in saved:
+            hooks[key] = fn
+    return spent["moewatch"] / steps * 1e6, spent["floor"] / steps * 1e6, calls[0] / steps
+
+
 def _in_hook_rounds(
     w: Workload, specs: list[Any], attach: Callable[..., moewatch.Monitor], steps: int, offset: int, rounds: int
 ) -> dict[str, Any]:
-    """Thread time inside the router hooks per step (µs), medians over ``rounds`` rounds that each measure, in
-    rotating order: the floor counter, moewatch with count-only calls (probs_every huge; an untimed step
-    first, as a window's first call is always sampled) and moewatch with every call sampled (probs_every
-    1), window ends excluded."""
-    kinds = ("floor", "count", "sampled")
-    res: dict[str, list[float]] = {k: [] for k in kinds}
+    """Thread time inside the router hooks per step (µs), medians over ``rounds`` rounds of two runs each,
+    timed on the same calls as the floor counter's (``_paired_hook_times``): moewatch with count-only calls
+    (probs_every huge; an untimed step first, as a window's first call is always sampled) and with every call
+    sampled (probs_every 1), window ends excluded."""
+    res: dict[str, list[float]] = {"count": [], "sampled": [], "floor": []}
     calls = 0.0
     for r in range(rounds):
-        for kind in kinds[r % 3:] + kinds[: r % 3]:
-            floor = FloorCounter(specs) if kind == "floor" else None
-            watch = None if floor else attach(window=10**9, probs_every=10**9 if kind == "count" else 1)
-            if r == 0 or kind == "count":
-                w.step(0)  # not timed
-            us, calls = _timed_hooks_per_step(w.step, specs, steps, offset)
-            res[kind].append(us)
-            if watch is not None:
-                watch.close()
-            if floor is not None:
+        for kind in ("count", "sampled") if r % 2 == 0 else ("sampled", "count"):
+            watch = attach(window=10**9, probs_every=10**9 if kind == "count" else 1)
+            floor = FloorCounter(specs)
+            try:
+                if r == 0 or kind == "count":
+                    w.step(0)  # not timed
+                us, floor_us, calls = _paired_hook_times(w, specs, watch, floor, steps, offset)
+            finally:
                 floor.close()
+                watch.close()
+            res[kind].append(us)
+            res["floor"].append(floor_us)
     out: dict[str, Any] = {k: statistics.median(v) for k, v in res.items()}
     out.update(calls_per_router_step=calls / len(specs), rounds=rounds)
     return out
@@ -632,8 +660,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({c['warmup_s']:.0f} s warm-up with compilation)")
         if "graphs_compiled_in_timed_blocks" in x["compile"]:
             print(f"   graphs compiled during the timed blocks: {x['compile']['graphs_compiled_in_timed_blocks']}")
-        print(f"   router hooks, us/step (medians of {x['hook_rounds']} rounds x {x['hook_steps']} steps, window ends "
-              f"apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
+        print(f"   router hooks, us/step (medians of {x['hook_rounds']} rounds x {x['hook_steps']} steps, on the same calls "
+              f"as the floor's, window ends apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
               f"{x['count_hook_us_per_step']:.1f} ({x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x "
               f"floor), every call sampled {x['sampled_hook_us_per_step']:.1f}")
         print(f"   moewatch at its defaults (window {DEFAULT_WINDOW}, probs_every {r.probs_every}: "
