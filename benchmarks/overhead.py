@@ -1,21 +1,31 @@
 """Training-step overhead of moewatch, measured A/B in one process.
 
-For every reference model (see ``reference_models.py``) three identical copies are trained side by side on
-the same batches: ``plain`` (nothing attached), ``moewatch`` (``moewatch.attach(model, optimizer=opt)``, every
-sink off except the window ends themselves) and ``naive`` (the seed's four metrics every step with host
-syncs). Blocks of ``--steps-per-block`` steps run in rotating order (P M N, M N P, N P M, ...) so that machine
-drift hits every variant alike; each block pair gives one ratio and the table reports the median ratio with
-its interquartile range and a bootstrap 95% confidence interval of the median.
+For every reference model (see ``reference_models.py``) one model and one optimizer are trained in blocks of
+``--steps-per-block`` steps (one moewatch window by default), each block with one variant attached:
+``plain`` (nothing), ``moewatch`` (``moewatch.attach(model, optimizer=opt)``, every sink off except the window
+ends themselves) and ``naive`` (the seed's four metrics every step with host syncs). With ``--compile``
+two more: ``compiled`` (``torch.compile(model)``, nothing attached) and ``compiled+moewatch`` (moewatch
+attached before compiling, so its hooks are traced into the graph). Blocks run in rotating order
+(P M N, M N P, N P M, ...) so that machine drift hits every variant alike; each round of blocks gives one
+ratio per variant pair and the table reports the median ratio with its interquartile range and a bootstrap
+95% confidence interval of the median.
 
 CPU time (``time.thread_time``, one intra-op thread by default) is the primary clock on the CPU: on a shared
 machine it does not count the time other processes hold the core. On CUDA the clock is wall time between
 ``torch.cuda.synchronize()`` calls at block edges, and ``torch.cuda.set_sync_debug_mode("error")`` is armed
-inside moewatch's router hooks and its optimizer post-hook on every step that does not end a window (the
-monitor is strict there, so a sync stops the run).
+inside moewatch's eager router hooks and its optimizer post-hook on every step that does not end a window
+(the monitor is strict there, so a sync stops the run; compiled router hooks are part of the graph, where
+``tests/test_no_sync.py`` checks them).
 
-    python benchmarks/overhead.py                       # all models, CPU
+Besides the A/B blocks, the time inside the router hooks is measured directly, on the same router calls as a
+floor counter's (``FloorCounter``: the same count kernels and nothing else; the two hooks swap places every
+step), for count-only calls and for calls that sample the probability statistics, and combined at moewatch's
+default sampling; window ends are timed apart.
+
+    python benchmarks/overhead.py                       # all models, eager, CPU (~5 min on 2 cores)
+    python benchmarks/overhead.py --compile             # + compiled variants (inductor; ~10 min)
     python benchmarks/overhead.py --models demo --blocks 60
-    python benchmarks/overhead.py --device cuda
+    python benchmarks/overhead.py --device cuda --compile
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -40,6 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reference_models import WORKLOADS, NaiveMonitor, Workload, build_workload  # noqa: E402
 
 import moewatch  # noqa: E402
+from moewatch.accumulator import _CLAMP_FROM  # noqa: E402
+from moewatch.monitor import _ATTACHED  # noqa: E402
 
 SINKS_OFF: dict[str, Any] = {
     "console": {"enabled": False},
@@ -48,6 +61,11 @@ SINKS_OFF: dict[str, Any] = {
     "alerts": {"enabled": False},
 }
 VARIANTS = ("plain", "moewatch", "naive")
+COMPILED = ("compiled", "compiled+moewatch")
+#: (variant, baseline) pairs whose per-round block ratios are reported.
+PAIRS = (("moewatch", "plain"), ("naive", "plain"), ("compiled+moewatch", "compiled"))
+DEFAULT_WINDOW = moewatch.MoEWatchConfig.model_fields["window_steps"].default
+DEFAULT_PROBS_EVERY = moewatch.MoEWatchConfig.model_fields["probs_every"].default
 
 
 @dataclass
@@ -65,14 +83,17 @@ class ModelResult:
     model: str
     description: str
     step_ms: dict[str, float]  # median ms per step, per variant
-    ratio: dict[str, Ratio]  # moewatch/plain and naive/plain
+    ratio: dict[str, Ratio]  # moewatch/plain, naive/plain (and compiled+moewatch/compiled)
     wall_ratio: dict[str, float]  # the same medians on wall-clock time
     # Ratio of the variants' 10th-percentile block times: interference on a shared machine only ever slows a
     # block down, so the fastest blocks of each variant are the least disturbed (steadier than the median).
     fast_ratio: dict[str, float]
     peak_extra_bytes: dict[str, int]  # peak memory of a step above plain's
     monitor_state_bytes: int  # device buffers moewatch holds
-    hook_us_per_step: float  # time inside moewatch's hooks per step, measured directly
+    # Time inside moewatch's router hooks per step (µs) at moewatch's default sampling (window 100 steps,
+    # probabilities on every probs_every-th call of a window from its first), window ends excluded: count-only
+    # calls plus the sampled share of the extra cost of a sampled call (both measured, see extra).
+    hook_us_per_step: float
     ops_per_router_call: float  # on average over a sampling period
     ops_sampled_call: int  # a call that also reads the probabilities
     ops_count_call: int  # a count-only call
@@ -114,13 +135,16 @@ class Clock:
         return time.thread_time(), time.perf_counter()
 
 
-def _arm_sync_debug(watch: moewatch.Monitor, device: torch.device, armed: list[bool]) -> list[Any]:
+def _arm_sync_debug(
+    watch: moewatch.Monitor, device: torch.device, armed: list[bool], router_hooks: bool = True
+) -> Callable[[], None]:
     """Run moewatch's own code under ``torch.cuda.set_sync_debug_mode("error")`` when ``armed[0]`` (steps that
     do not end a window): every router hook (a forward hook that runs before moewatch's arms, one after it
-    disarms) and the optimizer post-hook's ``_advance``. The models' own syncs (transformers' expert loops
-    call ``nonzero``) stay outside. The monitor must be strict, or it would swallow the error."""
+    disarms; not under torch.compile, where they would be traced) and the optimizer post-hook's ``_advance``.
+    The models' own syncs (transformers' expert loops call ``nonzero``) stay outside. The monitor must be
+    strict, or it would swallow the error. Returns the function that takes it all off again."""
     if device.type != "cuda":
-        return []
+        return lambda: None
 
     def arm(*_: Any) -> None:
         if armed[0]:
@@ -130,7 +154,7 @@ def _arm_sync_debug(watch: moewatch.Monitor, device: torch.device, armed: list[b
         torch.cuda.set_sync_debug_mode("default")
 
     handles = []
-    for spec in watch._specs:
+    for spec in watch._specs if router_hooks else []:
         handles.append(spec.hook_module.register_forward_hook(arm, prepend=True))
         handles.append(spec.hook_module.register_forward_hook(disarm))
     advance = watch._advance
@@ -143,7 +167,13 @@ def _arm_sync_debug(watch: moewatch.Monitor, device: torch.device, armed: list[b
             disarm()
 
     watch._advance = guarded_advance  # type: ignore[method-assign]  # the optimizer post-hook calls this
-    return handles
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+        del watch._advance  # back to the method
+
+    return remove
 
 
 def _peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int:
@@ -156,57 +186,42 @@ def _peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def _hook_time_per_step(w: Workload, watch: moewatch.Monitor, steps: int, offset: int) -> float:
-    """Thread time spent in moewatch's router hooks (adapter + update) and its optimizer step hook, per step
-    (µs): timing hooks run right before and right after moewatch's own on every router."""
-    spent = [0.0]
-    t_start = [0.0]
-    handles = []
-    for spec in watch._specs:
-        handles.append(spec.hook_module.register_forward_hook(
-            lambda *_: t_start.__setitem__(0, time.thread_time()), prepend=True))
-        handles.append(spec.hook_module.register_forward_hook(
-            lambda *_: spent.__setitem__(0, spent[0] + time.thread_time() - t_start[0])))
-    orig_advance = type(watch)._advance
-
-    def advance(self: Any) -> Any:
-        t = time.thread_time()
-        r = orig_advance(self)
-        spent[0] += time.thread_time() - t
-        return r
-
-    type(watch)._advance = advance  # type: ignore[method-assign]
-    try:
-        for i in range(steps):
-            w.step(offset + i)
-    finally:
-        type(watch)._advance = orig_advance  # type: ignore[method-assign]
-        for h in handles:
-            h.remove()
-    return spent[0] / steps * 1e6
-
-
 class FloorCounter:
     """The cheapest exact, crash-safe count there is, the floor moewatch's hooks are measured against: one
-    forward hook per router that reads the indices through the same adapter (``spec.extract``), then one
-    ``bucketize`` (invalid ids to edge columns) and one ``index_add_`` into a device buffer. Nothing else: no
-    eval/checkpoint checks, no error handling, no probabilities, no window ends."""
+    forward hook per router that reads the indices through the same adapter (``spec.extract``), maps them to
+    columns with invalid ids in the edge columns and adds them into a device buffer, with the kernels
+    moewatch's eager count uses (``bucketize`` + ``index_add_``; on the CPU from ``_CLAMP_FROM`` ids on
+    ``add`` + ``clamp_`` + ``index_add_``, where CPU ``bucketize`` costs 15-30 ns per id) and its cheapest
+    host side (grad mode switched without a context manager, the ``index_add_`` source view made once per
+    size). Nothing else: no eval/checkpoint checks, no error handling, no probabilities, no window ends."""
 
     def __init__(self, specs: list[Any]) -> None:
         self.handles = []
+        set_grad_enabled, is_grad_enabled = torch._C._set_grad_enabled, torch.is_grad_enabled
         for spec in specs:
             e = spec.num_experts
             device = next(spec.hook_module.parameters()).device
             counts = torch.zeros(e + 2, dtype=torch.int64, device=device)
             edges = torch.arange(e + 1, device=device)
             one = torch.ones((), dtype=torch.int64, device=device)
+            ones: dict[int, torch.Tensor] = {}
+            clamp = device.type == "cpu"
 
             def hook(module: Any, args: Any, output: Any, spec: Any = spec, counts: Any = counts,
-                     edges: Any = edges, one: Any = one) -> None:
-                with torch.no_grad():
-                    idx = spec.extract(module, args, output).indices_TK
+                     edges: Any = edges, one: Any = one, ones: Any = ones, e: int = e, clamp: bool = clamp) -> None:
+                grad = is_grad_enabled()
+                set_grad_enabled(False)
+                idx = spec.extract(module, args, output).indices_TK
+                n = idx.numel()
+                if n < _CLAMP_FROM or not clamp:
                     cols = torch.bucketize(idx, edges, right=True).view(-1)
-                    counts.index_add_(0, cols, one.expand(cols.shape[0]))
+                else:
+                    cols = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
+                src = ones.get(n)
+                if src is None:
+                    src = ones[n] = one.expand(n)
+                counts.index_add_(0, cols, src)
+                set_grad_enabled(grad)
 
             self.handles.append(spec.hook_module.register_forward_hook(hook))
 
@@ -215,78 +230,142 @@ class FloorCounter:
             h.remove()
 
 
-def _timed_hooks_per_step(w: Workload, specs: list[Any], steps: int, offset: int) -> float:
-    """Thread time inside the forward hooks registered between two timing hooks on every router, per step
-    (µs); the same measurement as moewatch's in-hook time, for the floor counter."""
-    spent, t_start, handles = [0.0], [0.0], []
-    for spec in specs:
-        handles.append(spec.hook_module.register_forward_hook(
-            lambda *_: t_start.__setitem__(0, time.thread_time()), prepend=True))
-        handles.append(spec.hook_module.register_forward_hook(
-            lambda *_: spent.__setitem__(0, spent[0] + time.thread_time() - t_start[0])))
-    try:
-        for i in range(steps):
-            w.step(offset + i)
-    finally:
-        for h in handles:
-            h.remove()
-    return spent[0] / steps * 1e6
+class SuspendableMonitor:
+    """The ``compiled+moewatch`` variant: one monitor, attached before compiling and kept for the whole run,
+    taken off between its blocks without being closed. Its hook entries are popped from the modules' and the
+    optimizer's hook dicts and put back under the same keys, so that with
+    ``torch._dynamo.config.skip_nnmodule_hook_guards = False`` the graph compiled with moewatch's hooks
+    (guarded on those entries) is found again in its next block instead of recompiled, and the graph of the
+    ``compiled`` variant (guarded on empty hook dicts) never runs them. With the default (True) dynamo does
+    not guard on hooks at all and would run whichever graph it compiled first for both variants."""
+
+    def __init__(self, watch: moewatch.Monitor, model: torch.nn.Module) -> None:
+        self.watch, self.model = watch, model
+        self._stash: list[tuple[Any, int, Any]] = []
+
+    def suspend(self) -> None:
+        for h in self.watch._handles:
+            d = h.hooks_dict_ref()
+            if d is not None and h.id in d:
+                self._stash.append((d, h.id, d.pop(h.id)))
+        _ATTACHED.pop(self.model, None)  # the eager moewatch variant attaches its own monitor meanwhile
+
+    def resume(self) -> None:
+        for d, key, fn in self._stash:
+            d[key] = fn
+        self._stash.clear()
+        _ATTACHED[self.model] = self.watch
+
+    def close(self) -> None:
+        self.resume()
+        self.watch.close()
 
 
-#: Per-model defaults: (window_steps, blocks per variant, warm-up steps). A block is one window long, so every
-#: monitored block holds exactly one window end (its last step).
-DEFAULTS = {"demo": (100, 30, 100), "qwen3moe": (10, 30, 10), "moe64": (2, 6, 1)}
+def _compile_stats() -> tuple[int, int]:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"]), int(sum(counters["graph_break"].values()))
+
+
+#: Per-model defaults: (window_steps, blocks per variant, warm-up steps, steps per in-hook measurement, steps of
+#: the window-end measurement). A block is one window long, so every monitored block holds exactly one window
+#: end (its last step).
+DEFAULTS = {"demo": (100, 30, 100, 50, 24), "qwen3moe": (10, 30, 10, 20, 24), "moe64": (2, 6, 1, 2, 4)}
 
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
-    window_steps, blocks, warmup = DEFAULTS[name]
+    window_steps, blocks, warmup, hook_steps, window_end_steps = DEFAULTS[name]
     window_steps = args.window_steps or window_steps
     steps_per_block = args.steps_per_block or window_steps
     blocks = args.blocks or blocks
     warmup = args.warmup if args.warmup is not None else warmup
+    hook_steps = args.hook_steps or hook_steps
+    window_end_steps = max(2, min(window_end_steps, hook_steps * 2)) if args.hook_steps else window_end_steps
     # One model, one optimizer: what differs between blocks is only what is attached (copies of a model
     # differ by a few % in speed on the CPU from memory placement alone, more than the effect measured).
     w = build_workload(name, device, seed=args.seed, scale=args.scale)
     clock = Clock(device)
     counter = [0]
     armed = [False]
+    variants = VARIANTS + (COMPILED if args.compile else ())
 
-    def attach(window: int = window_steps) -> moewatch.Monitor:
+    def attach(window: int = window_steps, probs_every: int | None = args.probs_every) -> moewatch.Monitor:
         # strict on CUDA: a sync-debug error inside a hook must stop the run, not disable the router.
         return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window,
                                run_name=f"bench-{name}", strict=device.type == "cuda",
-                               **({} if args.probs_every is None else {"probs_every": args.probs_every}), **SINKS_OFF)
+                               **({} if probs_every is None else {"probs_every": probs_every}), **SINKS_OFF)
+
+    compiled_step: Callable[[int], None] | None = None
+    suspended: SuspendableMonitor | None = None
+    compile_info: dict[str, Any] = {}
+    if args.compile:
+        # Guard on hooks (see SuspendableMonitor); the compiled plain graph then also checks that the hook
+        # dicts are empty on every call, a few µs, in both compiled variants alike.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+        compiled_step = w.make_step(torch.compile(w.model, backend=args.compile_backend))
+        suspended = SuspendableMonitor(attach(), w.model)  # attached before the first compiled call
+        suspended.suspend()
 
     def run_block(v: str, n: int) -> tuple[float, float, int]:
-        watch = attach() if v == "moewatch" else None
+        step = compiled_step if v in COMPILED else w.step
+        assert step is not None
+        watch: moewatch.Monitor | None = None
+        if v == "moewatch":
+            watch = attach()
+        elif v == "compiled+moewatch":
+            assert suspended is not None
+            suspended.resume()
+            watch = suspended.watch
         naive = NaiveMonitor(w.model) if v == "naive" else None
-        debug = _arm_sync_debug(watch, device, armed) if watch is not None else []
+        disarm = (_arm_sync_debug(watch, device, armed, router_hooks=v == "moewatch")
+                  if watch is not None else (lambda: None))
+        windows0 = watch._window if watch is not None else 0
         c0, w0 = clock.now()
         for _ in range(n):
             if watch is not None:
-                armed[0] = (watch.step_count + 1) % window_steps != 0  # not a window end
-            w.step(counter[0])
+                armed[0] = (watch.step_count - watch._window_start_step + 1) % window_steps != 0  # not a window end
+            step(counter[0])
             counter[0] += 1
         c1, w1 = clock.now()
+        disarm()
         ends = 0
-        for h in debug:
-            h.remove()
         if watch is not None:
-            ends = watch._window
-            watch.close()
+            ends = watch._window - windows0
+            if v == "moewatch":
+                watch.close()
+            else:
+                assert suspended is not None
+                suspended.suspend()
         if naive is not None:
             naive.close()
         return (c1 - c0) / n, (w1 - w0) / n, ends
 
-    for v in VARIANTS:
-        run_block(v, warmup)
-    per_step: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
+    for v in variants:
+        if v in COMPILED:
+            # Compiles forward and backward on the first call; a second shape may recompile once with dynamic
+            # shapes (moe64's experts), so at least 3 steps.
+            g0, b0 = _compile_stats()
+            t0 = time.perf_counter()
+            run_block(v, max(warmup, 3))
+            g1, b1 = _compile_stats()
+            compile_info[v] = {"graphs": g1 - g0, "graph_breaks": b1 - b0, "warmup_s": time.perf_counter() - t0}
+            if v == "compiled+moewatch":
+                assert suspended is not None
+                suspended.resume()
+                suspended.watch.flush()  # the timed blocks start at a window start, as the eager variant's
+                suspended.suspend()
+        else:
+            run_block(v, warmup)
+    graphs_before = _compile_stats()[0] if args.compile else 0
+    per_step: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     window_ends = 0
     gc.collect()
     gc.disable()
     try:
         for b in range(blocks):
-            order = VARIANTS[b % 3:] + VARIANTS[: b % 3]
+            k = b % len(variants)
+            order = variants[k:] + variants[:k]
             for v in order:
                 cpu, wall, ends = run_block(v, steps_per_block)
                 per_step[v].append((cpu, wall))
@@ -296,19 +375,22 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
                       flush=True)
     finally:
         gc.enable()
+    if suspended is not None:
+        compile_info["graphs_compiled_in_timed_blocks"] = _compile_stats()[0] - graphs_before
+        latest = suspended.watch.latest  # the compiled graph counted: its last window's tokens per router
+        compile_info["last_window_tokens"] = [layer.tokens for layer in latest.layers] if latest else []
+        suspended.close()
+        torch._dynamo.config.skip_nnmodule_hook_guards = True
 
     k = 1 if device.type == "cuda" else 0
-    ratios = {
-        f"{v}/plain": _summarise([a[k] / p[k] for a, p in zip(per_step[v], per_step["plain"], strict=False)])
-        for v in ("moewatch", "naive")
-    }
-    wall = {
-        f"{v}/plain": statistics.median([a[1] / p[1] for a, p in zip(per_step[v], per_step["plain"], strict=False)])
-        for v in ("moewatch", "naive")
-    }
-    step_ms = {v: statistics.median(x[k] for x in per_step[v]) * 1e3 for v in VARIANTS}
-    fast = {v: _quantile([x[k] for x in per_step[v]], 0.1) for v in VARIANTS}
-    fast_ratio = {f"{v}/plain": fast[v] / fast["plain"] for v in ("moewatch", "naive")}
+    pairs = [(a, b) for a, b in PAIRS if a in variants]
+    ratios = {f"{a}/{b}": _summarise([x[k] / y[k] for x, y in zip(per_step[a], per_step[b], strict=True)])
+              for a, b in pairs}
+    wall = {f"{a}/{b}": statistics.median([x[1] / y[1] for x, y in zip(per_step[a], per_step[b], strict=True)])
+            for a, b in pairs}
+    step_ms = {v: statistics.median(x[k] for x in per_step[v]) * 1e3 for v in variants}
+    fast = {v: _quantile([x[k] for x in per_step[v]], 0.1) for v in variants}
+    fast_ratio = {f"{a}/{b}": fast[a] / fast[b] for a, b in pairs}
 
     # Direct attribution, outside the A/B timing: time inside the hooks, memory, ops per router call.
     peaks = {"plain": _peak_extra_bytes(lambda: w.step(0), device)} if device.type == "cuda" else {}
@@ -320,25 +402,18 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     w.step(0)
     if peaks:
         peaks["moewatch"] = _peak_extra_bytes(lambda: w.step(0), device)
-    n_hook_steps = max(2, min(50, 3 * window_steps))
     specs = [s for s in watch._specs if s.family not in ("megatron", "deepspeed")]  # indices-based routers
-    # moewatch and the floor alternate in rounds, so drift hits both alike; the medians are compared.
-    hook_rounds: dict[str, list[float]] = {"moewatch": [], "floor": []}
-    for _ in range(3):
-        hook_rounds["moewatch"].append(_hook_time_per_step(w, watch, n_hook_steps, counter[0]))
-        watch.close()
-        floor = FloorCounter(specs)
-        w.step(0)
-        hook_rounds["floor"].append(_timed_hooks_per_step(w, specs, n_hook_steps, counter[0]))
-        floor.close()
-        watch = attach()
-        w.step(0)
-    hook_us = statistics.median(hook_rounds["moewatch"])
-    floor_us = statistics.median(hook_rounds["floor"])
+    probs_every = watch.config.probs_every
     state = watch._acc.state_bytes()
     watch.close()
+    hook = _in_hook_rounds(w, specs, attach, hook_steps, counter[0], rounds=args.hook_rounds)
+    hook["window_end_ms"] = _window_end_ms(w, attach, window_end_steps, counter[0])
+    # moewatch's defaults: a window of DEFAULT_WINDOW steps samples ceil(calls / probs_every) of its calls.
+    calls = DEFAULT_WINDOW * hook["calls_per_router_step"]
+    share = math.ceil(calls / probs_every) / calls
+    hook_us = hook["count"] + share * (hook["sampled"] - hook["count"])
+
     watch = attach(window=10**9)
-    probs_every = watch.config.probs_every
     w.step(0)  # allocates the buffers
     watch._acc.take_host_counts()  # as at a window end: the next call of each router is sampled
     ops_sampled, ops_count, transient = _count_update_ops(watch, w)  # steps that are not window ends
@@ -346,7 +421,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     sync_check = "not run (CPU; see tests/test_no_sync.py)"
     if device.type == "cuda":
         sync_check = (f"0 syncs from moewatch on {blocks * steps_per_block - window_ends} non-window-end steps "
-                      "(hooks and optimizer.step under sync_debug_mode='error')")
+                      "(eager hooks and optimizer.step under sync_debug_mode='error')")
     return ModelResult(
         model=name,
         description=w.description,
@@ -364,9 +439,110 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         window_steps=window_steps,
         window_ends=window_ends,
         sync_check=sync_check,
-        extra={"floor_hook_us_per_step": floor_us, "hook_vs_floor": hook_us / floor_us,
-               "transient_bytes_per_router_call": transient, "blocks": blocks, "steps_per_block": steps_per_block, "warmup": warmup},
+        extra={
+            "floor_hook_us_per_step": hook["floor"], "hook_vs_floor": hook_us / hook["floor"],
+            "count_hook_us_per_step": hook["count"], "sampled_hook_us_per_step": hook["sampled"],
+            "sampled_share": share, "calls_per_router_step": hook["calls_per_router_step"],
+            "hook_rounds": hook["rounds"], "hook_steps": hook_steps,
+            "window_end_ms": hook["window_end_ms"],
+            "window_end_us_per_step_default": hook["window_end_ms"] * 1e3 / DEFAULT_WINDOW,
+            "compile": compile_info,
+            "transient_bytes_per_router_call": transient, "blocks": blocks, "steps_per_block": steps_per_block,
+            "warmup": warmup,
+        },
     )
+
+
+def _paired_hook_times(
+    w: Workload, specs: list[Any], watch: moewatch.Monitor, floor: FloorCounter, steps: int, offset: int
+) -> tuple[float, float, float]:
+    """moewatch's and the floor counter's router hooks, both registered, timed on the same router calls: each
+    hook's entry in the module's hook dict is wrapped with a thread-time timer, and the two swap places every
+    step (whichever runs second finds the indices and the kernels' code in cache). Returns (moewatch µs/step,
+    floor µs/step, router calls per step)."""
+    spent = {"moewatch": 0.0, "floor": 0.0}
+    calls = [0]
+    pairs, saved = [], []
+    for spec, floor_handle in zip(specs, floor.handles, strict=True):
+        hooks = spec.hook_module._forward_hooks
+        mw_key = next(h.id for h in watch._handles if h.hooks_dict_ref() is hooks and h.id in hooks)
+        for key, who in ((mw_key, "moewatch"), (floor_handle.id, "floor")):
+            fn = hooks[key]
+
+            def timed(*a: Any, fn: Any = fn, who: str = who) -> Any:
+                t = time.thread_time()
+                try:
+                    return fn(*a)
+                finally:
+                    spent[who] += time.thread_time() - t
+                    calls[0] += who == "floor"
+
+            saved.append((hooks, key, fn))
+            hooks[key] = timed
+        pairs.append((hooks, mw_key, floor_handle.id))
+    try:
+        for i in range(steps):
+            for hooks, mw_key, floor_key in pairs:
+                first, second = (floor_key, mw_key) if i % 2 == 0 else (mw_key, floor_key)
+                hooks.move_to_end(second, last=False)
+                hooks.move_to_end(first, last=False)
+            w.step(offset + i)
+    finally:
+        for hooks, key, fn in saved:
+            hooks[key] = fn
+    return spent["moewatch"] / steps * 1e6, spent["floor"] / steps * 1e6, calls[0] / steps
+
+
+def _in_hook_rounds(
+    w: Workload, specs: list[Any], attach: Callable[..., moewatch.Monitor], steps: int, offset: int, rounds: int
+) -> dict[str, Any]:
+    """Thread time inside the router hooks per step (µs), medians over ``rounds`` rounds of two runs each,
+    timed on the same calls as the floor counter's (``_paired_hook_times``): moewatch with count-only calls
+    (probs_every huge; an untimed step first, as a window's first call is always sampled) and with every call
+    sampled (probs_every 1), window ends excluded."""
+    res: dict[str, list[float]] = {"count": [], "sampled": [], "floor": []}
+    calls = 0.0
+    for r in range(rounds):
+        for kind in ("count", "sampled") if r % 2 == 0 else ("sampled", "count"):
+            watch = attach(window=10**9, probs_every=10**9 if kind == "count" else 1)
+            floor = FloorCounter(specs)
+            try:
+                if r == 0 or kind == "count":
+                    w.step(0)  # not timed
+                us, floor_us, calls = _paired_hook_times(w, specs, watch, floor, steps, offset)
+            finally:
+                floor.close()
+                watch.close()
+            res[kind].append(us)
+            res["floor"].append(floor_us)
+    out: dict[str, Any] = {k: statistics.median(v) for k, v in res.items()}
+    out.update(calls_per_router_step=calls / len(specs), rounds=rounds)
+    return out
+
+
+def _window_end_ms(w: Workload, attach: Callable[..., moewatch.Monitor], steps: int, offset: int) -> float:
+    """Host time of a window end in training (pack, copy, metrics, health, trends, report; sinks off), ms:
+    with a window of one step, the thread time of the optimizer post-hook on each of ``steps`` steps, median
+    of the second half (trend fits then run over longer histories; 8 windows is a full one by default)."""
+    watch = attach(window=1)
+    times: list[float] = []
+    advance = watch._advance
+
+    def timed() -> Any:
+        t = time.thread_time()
+        try:
+            return advance()
+        finally:
+            times.append((time.thread_time() - t) * 1e3)
+
+    watch._advance = timed  # type: ignore[method-assign]  # the optimizer post-hook calls this
+    try:
+        for i in range(steps):
+            w.step(offset + i)
+    finally:
+        del watch._advance
+        watch.close()
+    return statistics.median(times[steps // 2 :])
 
 
 def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> tuple[int, int, int]:
@@ -426,22 +602,27 @@ def _machine(device: torch.device) -> str:
         desc += f", GPU {torch.cuda.get_device_name(device)}"
     return desc
 
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="demo,moe64,qwen3moe", help=f"comma list of {sorted(WORKLOADS)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on the CPU (default 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the compiled and compiled+moewatch variants (torch.compile of the model)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
     p.add_argument("--blocks", type=int, default=0, help="A/B blocks per variant (0: per-model default)")
     p.add_argument("--steps-per-block", type=int, default=0, help="steps per block (0: one window)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (compiled: at least 3)")
     p.add_argument("--window-steps", type=int, default=0,
                    help="moewatch window length in optimizer steps (0: per-model default: demo 100, qwen3moe 10, "
                    "moe64 2)")
+    p.add_argument("--hook-steps", type=int, default=0,
+                   help="steps per in-hook measurement (0: per-model default: demo 50, qwen3moe 20, moe64 2)")
+    p.add_argument("--hook-rounds", type=int, default=3, help="rounds of in-hook measurements (default 3)")
     p.add_argument("--scale", type=float, default=1.0, help="scale tokens per step (smoke tests use < 1)")
     p.add_argument("--probs-every", type=int, default=None,
                    help="moewatch probs_every: probability statistics on every Nth router call of a window "
-                   f"(default: moewatch's, {moewatch.MoEWatchConfig.model_fields['probs_every'].default})")
+                   f"(default: moewatch's, {DEFAULT_PROBS_EVERY})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the results to this JSON file")
     p.add_argument("--verbose", action="store_true", help="print every block")
@@ -460,45 +641,67 @@ def main(argv: list[str] | None = None) -> int:
     clock = "wall (CUDA-synchronised per block)" if device.type == "cuda" else "thread CPU time"
     print(f"# moewatch step overhead on {device}: {machine}")
     print(f"# clock: {clock}; one model per row, moewatch / naive attached for a block, removed after it; "
-          "moewatch sinks off (console, jsonl, prometheus, alerts), window ends on")
+          "moewatch sinks off (console, jsonl, prometheus, alerts), window ends on"
+          + (f"; compiled variants: torch.compile(backend={args.compile_backend!r})" if args.compile else ""))
     results = []
     for name in names:
         t0 = time.perf_counter()
         r = run_model(name, args, device)
         results.append(r)
+        x = r.extra
         print(f"\n## {name}: {r.description}  ({time.perf_counter() - t0:.0f} s)")
         print("   step ms (median): " + ", ".join(f"{v} {ms:.3f}" for v, ms in r.step_ms.items()))
-        for v in ("moewatch", "naive"):
-            key = f"{v}/plain"
-            print(f"   {key:<15} {_fmt_ratio(r.ratio[key])}  wall {r.wall_ratio[key]:.4f}  "
+        for key in r.ratio:
+            print(f"   {key:<28} {_fmt_ratio(r.ratio[key])}  wall {r.wall_ratio[key]:.4f}  "
                   f"fastest-10% blocks {r.fast_ratio[key]:.4f}")
-        print(f"   moewatch hooks: {r.hook_us_per_step:.1f} us/step measured inside the hooks "
-              f"({r.hook_us_per_step / (r.step_ms['plain'] * 1e3) * 100:.2f}% of a plain step), "
-              f"{r.ops_count_call} aten ops per router call, {r.ops_sampled_call} on the calls that sample the "
-              f"probabilities (probs_every {r.probs_every}): {r.ops_per_router_call:.2f} on average")
-        print(f"   floor counter (bucketize + index_add_ only): {r.extra['floor_hook_us_per_step']:.1f} us/step "
-              f"in its hooks; moewatch / floor in-hook: {r.extra['hook_vs_floor']:.2f}x")
+        for v, c in x["compile"].items():
+            if isinstance(c, dict):
+                print(f"   {v}: {c['graphs']} graphs, {c['graph_breaks']} graph breaks at its first calls "
+                      f"({c['warmup_s']:.0f} s warm-up with compilation)")
+        if "graphs_compiled_in_timed_blocks" in x["compile"]:
+            print(f"   graphs compiled during the timed blocks: {x['compile']['graphs_compiled_in_timed_blocks']}")
+        print(f"   router hooks, us/step (medians of {x['hook_rounds']} rounds x {x['hook_steps']} steps, on the same calls "
+              f"as the floor's, window ends apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
+              f"{x['count_hook_us_per_step']:.1f} ({x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x "
+              f"floor), every call sampled {x['sampled_hook_us_per_step']:.1f}")
+        print(f"   moewatch at its defaults (window {DEFAULT_WINDOW}, probs_every {r.probs_every}: "
+              f"{x['sampled_share'] * 100:.0f}% of calls sampled): {r.hook_us_per_step:.1f} us/step "
+              f"({r.hook_us_per_step / (r.step_ms['plain'] * 1e3) * 100:.2f}% of a plain step); "
+              f"moewatch / floor in-hook: {x['hook_vs_floor']:.2f}x")
+        print(f"   window end: {x['window_end_ms']:.2f} ms ({x['window_end_us_per_step_default']:.1f} us/step at window "
+              f"{DEFAULT_WINDOW}); {r.ops_count_call} aten ops per router call, {r.ops_sampled_call} on the calls "
+              f"that sample the probabilities: {r.ops_per_router_call:.2f} on average")
         mem = (f"peak step memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
                f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; " if r.peak_extra_bytes else "")
         print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts)), temporaries "
-              f"<= {r.extra['transient_bytes_per_router_call'] / 1024:.1f} KiB per router call, freed when its hook "
+              f"<= {x['transient_bytes_per_router_call'] / 1024:.1f} KiB per router call, freed when its hook "
               f"returns; {r.window_ends} window ends timed")
-        print(f"   window_steps {r.window_steps}, {r.extra['blocks']} blocks x {r.extra['steps_per_block']} steps per "
+        print(f"   window_steps {r.window_steps}, {x['blocks']} blocks x {x['steps_per_block']} steps per "
               f"variant; syncs: {r.sync_check}")
     print("\n| model | window | plain ms/step | moewatch / plain, median [IQR] (95% CI) | naive / plain | "
-          "in-hook us/step | floor in-hook us/step (moewatch / floor) | ops per router call (+ on sampled calls) | "
-          "monitor memory |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "router hooks us/step at defaults | floor us/step (moewatch / floor) | count-only calls / floor | "
+          "window end ms | ops per router call (+ on sampled calls) | monitor memory |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        m, nv = r.ratio["moewatch/plain"], r.ratio["naive/plain"]
-        mem = f"{r.monitor_state_bytes} B buffers + {r.extra['transient_bytes_per_router_call'] / 1024:.1f} KiB/call"
+        m, nv, x = r.ratio["moewatch/plain"], r.ratio["naive/plain"], r.extra
+        mem = f"{r.monitor_state_bytes} B buffers + {x['transient_bytes_per_router_call'] / 1024:.1f} KiB/call"
         if r.peak_extra_bytes:
             mem += f"; peak +{r.peak_extra_bytes['moewatch'] / 1024:.0f} KiB"
         print(f"| {r.model} | {r.window_steps} | {r.step_ms['plain']:.2f} | {m.median:.4f} [{m.q1:.4f}-{m.q3:.4f}] "
               f"({m.ci_lo:.4f}-{m.ci_hi:.4f}) | {nv.median:.3f} [{nv.q1:.3f}-{nv.q3:.3f}] | "
-              f"{r.hook_us_per_step:.0f} | {r.extra['floor_hook_us_per_step']:.0f} ({r.extra['hook_vs_floor']:.2f}x) | "
-              f"{r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every "
-              f"{r.probs_every}) | {mem} |")
+              f"{r.hook_us_per_step:.0f} | {x['floor_hook_us_per_step']:.0f} ({x['hook_vs_floor']:.2f}x) | "
+              f"{x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x | {x['window_end_ms']:.2f} | "
+              f"{r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every {r.probs_every}) | {mem} |")
+    if args.compile:
+        print("\n| model | compiled ms/step (eager plain) | compiled+moewatch / compiled, median [IQR] (95% CI) | "
+              "fastest 10% | graph breaks: compiled / +moewatch | graphs compiled in timed blocks |")
+        print("|---|---|---|---|---|---|")
+        for r in results:
+            c, ci = r.ratio["compiled+moewatch/compiled"], r.extra["compile"]
+            print(f"| {r.model} | {r.step_ms['compiled']:.2f} ({r.step_ms['plain']:.2f}) | {c.median:.4f} "
+                  f"[{c.q1:.4f}-{c.q3:.4f}] ({c.ci_lo:.4f}-{c.ci_hi:.4f}) | "
+                  f"{r.fast_ratio['compiled+moewatch/compiled']:.4f} | {ci['compiled']['graph_breaks']} / "
+                  f"{ci['compiled+moewatch']['graph_breaks']} | {ci['graphs_compiled_in_timed_blocks']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "device": str(device), "clock": clock,

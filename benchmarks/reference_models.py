@@ -33,6 +33,9 @@ class Workload:
     layers: int
     experts: int
     top_k: int
+    # make_step(fn): the same step (optimizer, batches) with the forward run by ``fn`` instead of ``model``
+    # (``torch.compile(model)``).
+    make_step: Callable[[Callable[..., Any]], Callable[[int], None]]
 
 
 # --- (b) a simple MoE with a transformers-style TopKRouter --------------------------------------------------
@@ -108,7 +111,7 @@ class BenchMoE(nn.Module):
 
 
 def _regression_step(
-    model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
+    model: Callable[..., Any], opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
     after: Callable[[], None] | None = None,
 ) -> Callable[[int], None]:
     def step(i: int) -> None:
@@ -133,8 +136,11 @@ def build_demo(device: torch.device, seed: int, scale: float = 1.0) -> Workload:
     batches = [tuple(t.to(device) for t in data.batch(64)) for _ in range(16)]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     # The demo's loop (moewatch/demo/run.py) also applies the router bias feedback after every step.
-    step = _regression_step(model, opt, batches, after=lambda: model.update_bias("bias", 0.1))
-    return Workload("demo", "DemoMoE default: 2 layers, E=8, top-2, 64 tok/step, D=64", model, opt, step, 64, 2, 8, 2)
+    def make_step(fn: Callable[..., Any]) -> Callable[[int], None]:
+        return _regression_step(fn, opt, batches, after=lambda: model.update_bias("bias", 0.1))
+
+    return Workload("demo", "DemoMoE default: 2 layers, E=8, top-2, 64 tok/step, D=64", model, opt,
+                    make_step(model), 64, 2, 8, 2, make_step)
 
 
 def build_moe64(device: torch.device, seed: int, scale: float = 1.0) -> Workload:
@@ -148,9 +154,11 @@ def build_moe64(device: torch.device, seed: int, scale: float = 1.0) -> Workload
         for _ in range(4)
     ]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    step = _regression_step(model, opt, batches)
+    def make_step(fn: Callable[..., Any]) -> Callable[[int], None]:
+        return _regression_step(fn, opt, batches)
+
     desc = f"simple MoE: 4 layers, E=64, top-8, D=512, F=128, {tokens} tok/step"
-    return Workload("moe64", desc, model, opt, step, tokens, 4, 64, 8)
+    return Workload("moe64", desc, model, opt, make_step(model), tokens, 4, 64, 8, make_step)
 
 
 def build_qwen3moe(device: torch.device, seed: int, scale: float = 1.0) -> Workload:
@@ -171,15 +179,18 @@ def build_qwen3moe(device: torch.device, seed: int, scale: float = 1.0) -> Workl
     batches = [torch.randint(0, 1024, (batch, seq), generator=g).to(device) for _ in range(8)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step(i: int) -> None:
-        ids = batches[i % len(batches)]
-        loss = model(input_ids=ids, labels=ids).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def make_step(fn: Callable[..., Any]) -> Callable[[int], None]:
+        def step(i: int) -> None:
+            ids = batches[i % len(batches)]
+            loss = fn(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
 
     desc = f"transformers Qwen3MoeForCausalLM tiny: 2 layers, E=8, top-2, D=128, {batch * seq} tok/step"
-    return Workload("qwen3moe", desc, model, opt, step, batch * seq, 2, 8, 2)
+    return Workload("qwen3moe", desc, model, opt, make_step(model), batch * seq, 2, 8, 2, make_step)
 
 
 WORKLOADS: dict[str, Callable[[torch.device, int, float], Workload]] = {

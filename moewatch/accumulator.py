@@ -26,6 +26,10 @@ from moewatch.adapters.base import RouterOutput
 
 __all__ = ["Accumulator", "WindowCounts"]
 
+#: From this many ids per call, eager CPU counting maps ids to columns with add + clamp_ instead of bucketize.
+_CLAMP_FROM = 2048
+_INT64, _INT32 = torch.int64, torch.int32
+
 
 @dataclass(frozen=True)
 class WindowCounts:
@@ -41,8 +45,9 @@ class WindowCounts:
 class _Buffers:
     """One device's buffers, plus per-layer views of them made once so that an update slices nothing."""
 
-    __slots__ = ("counts_LE2", "stats_LS", "traced_LC", "one", "ones_N", "count_rows", "expert_counts", "edges",
-                 "prob_rows", "z_cells", "finite_cells", "dropped_cells")
+    __slots__ = ("counts_LE2", "stats_LS", "traced_LC", "one", "ones_N", "ones_n", "count_rows", "expert_counts",
+                 "edges", "layer_edges",
+                 "prob_rows", "z_cells", "finite_cells", "zf_cells", "dropped_cells", "zf_mask_21", "zf_base_21")
 
     def __init__(self, num_experts: list[int], e_max: int, device: torch.device) -> None:
         n_layers = len(num_experts)
@@ -53,18 +58,24 @@ class _Buffers:
         self.traced_LC = torch.zeros(n_layers, 3, dtype=torch.float64, device=device)
         self.one = torch.ones((), dtype=torch.int64, device=device)
         self.ones_N = self.one.expand(0)  # the index_add_ source of the last call's size, a view of `one`
+        self.ones_n = 0
         self.count_rows = list(self.counts_LE2.unbind(0))
         self.expert_counts = [self.counts_LE2[i, 1 : e + 1] for i, e in enumerate(num_experts)]
         # bucketize(id, [0, 1, ..., E], right=True): id + 1 for a valid id, 0 below, E + 1 above.
         self.edges = {e: torch.arange(e + 1, device=device) for e in set(num_experts)}
+        self.layer_edges = [self.edges[e] for e in num_experts]
         self.prob_rows = [self.stats_LS[i, :e] for i, e in enumerate(num_experts)]
         self.z_cells = list(self.stats_LS[:, e_max].unbind(0))
         self.finite_cells = list(self.stats_LS[:, e_max + 1].unbind(0))
+        self.zf_cells = list(self.stats_LS[:, e_max : e_max + 2].unbind(0))  # (z-loss, finite rows): adjacent
         self.dropped_cells = list(self.stats_LS[:, e_max + 2].unbind(0))
+        # [[lse^2], [1]] per token from lse in two ops: base + (lse * mask) * lse; NaN rows stay NaN in both.
+        self.zf_mask_21 = torch.tensor([[1.0], [0.0]], device=device)
+        self.zf_base_21 = torch.tensor([[0.0], [1.0]], device=device)
 
     def ones(self, n: int) -> torch.Tensor:
-        if self.ones_N.shape[0] != n:
-            self.ones_N = self.one.expand(n)
+        if self.ones_n != n:
+            self.ones_N, self.ones_n = self.one.expand(n), n
         return self.ones_N
 
     def zero_(self) -> None:
@@ -76,9 +87,11 @@ class _Buffers:
 class Accumulator:
     """Per-router counters, updated in place with no host synchronisation.
 
-    A router call with indices costs 2 aten ops to count (bucketize, index_add_). A call that also carries
-    the probability statistics (softmax logits, the common case) costs 13 more, no composites: 4 for the
-    probability sums (log_softmax, exp_, nansum, add_), 3 for the finite rows and 6 for the z-loss (see
+    A router call with indices costs 2 aten ops to count (bucketize, index_add_; on the CPU from
+    ``_CLAMP_FROM`` ids on, 3: add, clamp_, index_add_, much cheaper there than bucketize). A call that also
+    carries the probability statistics (softmax logits, the common case) costs 11 more, no composites: 3 for
+    the probability sums (softmax, nansum, add_), 4 for logsumexp (amax, amax, log_, sub) and 4 for the
+    z-loss and finite rows together (mul, addcmul, nansum, add_; see
     ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
 
     def __init__(self, num_experts: list[int], probs_every: int = 1) -> None:
@@ -116,7 +129,7 @@ class Accumulator:
         """Bytes of device memory the buffers hold (constant: O(layers x experts), nothing per token)."""
         total = 0
         for b in self._bufs.values():
-            for t in (b.counts_LE2, b.stats_LS, b.traced_LC, b.one, *b.edges.values()):
+            for t in (b.counts_LE2, b.stats_LS, b.traced_LC, b.one, b.zf_mask_21, b.zf_base_21, *b.edges.values()):
                 total += t.numel() * t.element_size()
         return total
 
@@ -138,13 +151,21 @@ class Accumulator:
         e = self.num_experts[layer]
         idx = out.indices_TK
         if idx is not None:
-            bufs = self._buffers(idx.device)
+            # Every router call runs this: host work kept to a few attribute reads around the two kernels.
+            device, last = idx.device, self._last
+            bufs = last[1] if last is not None and last[0] == device else self._buffers(device)
             n = idx.numel()
             self.tokens_L[layer] += n // top_k
-            if idx.dtype is not torch.int64 and idx.dtype is not torch.int32:
+            dtype = idx.dtype
+            if dtype is not _INT64 and dtype is not _INT32:
                 idx = idx.long()
-            cols_N = torch.bucketize(idx, bufs.edges[e], right=True).view(-1)
-            bufs.count_rows[layer].index_add_(0, cols_N, bufs.ones(n))
+            if n < _CLAMP_FROM or not idx.is_cpu:
+                cols_N = torch.bucketize(idx, bufs.layer_edges[layer], right=True).view(-1)
+            else:
+                # The same columns. CPU bucketize costs 15-30 ns per id from a few thousand ids on (1 ms for
+                # 32k ids); add + clamp_ cost well under 1 ns per id.
+                cols_N = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
+            bufs.count_rows[layer].index_add_(0, cols_N, bufs.ones_N if bufs.ones_n == n else bufs.ones(n))
         elif out.routing_map_TE is not None:
             rmap = out.routing_map_TE.reshape(-1, e)
             bufs = self._buffers(rmap.device)
@@ -169,7 +190,7 @@ class Accumulator:
         if logits is None and out.probs_TE is None and out.logits_fn is not None:
             logits = out.logits_fn()
         if logits is not None and out.probs_TE is None:
-            logits = logits.detach()
+            # No detach: under no_grad nothing here records autograd history (one dispatch less per call).
             if logits.dim() != 2:
                 logits = logits.reshape(-1, e)
             if logits.dtype is not torch.float32:
@@ -182,20 +203,20 @@ class Accumulator:
                 finite_T = torch.isfinite(lse_T)
                 bufs.finite_cells[layer].add_(finite_T.sum())
                 lse_T = torch.where(finite_T, lse_T, 0.0)
+                bufs.z_cells[layer].add_(torch.dot(lse_T, lse_T))
             else:
                 # CPU softmax kernels are several times slower over a last dim narrower than one vector
                 # register (E < 16) than over the token dim of the transposed view; the math is the same.
                 ed, td = (0, 1) if e < 16 and logits.device.type == "cpu" else (1, 0)
                 x = logits.t() if ed == 0 else logits
-                logp = torch.log_softmax(x, dim=ed)
-                # logsumexp = max(logit) - max(log p) (same expert): two cheap reductions instead of
+                probs = torch.softmax(x, dim=ed)  # the only [T, E] temporary of the call
+                # logsumexp = max(logit) - log(max p) (same expert; max p >= 1/E): three cheap ops instead of
                 # logsumexp's five kernels. NaN, never +-inf, exactly when a row holds NaN/+inf or is all -inf.
-                lse_T = torch.amax(x, dim=ed) - torch.amax(logp, dim=ed)
-                # exp in place: one [T, E] temporary per call, not two. Non-finite rows add nothing.
-                bufs.prob_rows[layer].add_(torch.nansum(logp.exp_(), dim=td))
-                bufs.finite_cells[layer].add_(torch.count_nonzero(lse_T == lse_T))
-                lse_T = torch.nan_to_num(lse_T, nan=0.0)
-            bufs.z_cells[layer].add_(torch.dot(lse_T, lse_T))
+                lse_T = torch.amax(x, dim=ed) - torch.amax(probs, dim=ed).log_()
+                bufs.prob_rows[layer].add_(torch.nansum(probs, dim=td))  # non-finite rows add nothing
+                # (sum of lse^2, finite rows) in one reduction of [[lse^2], [1]]: NaN rows are skipped by both.
+                zf_2T = torch.addcmul(bufs.zf_base_21, lse_T * bufs.zf_mask_21, lse_T)
+                bufs.zf_cells[layer].add_(torch.nansum(zf_2T, dim=1))
         elif out.probs_TE is not None:
             probs = out.probs_TE.detach().reshape(-1, e).float()
             bufs.prob_rows[layer].add_(torch.nansum(probs, dim=0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from moewatch.accumulator import Accumulator
@@ -47,3 +48,52 @@ def test_pack_zeroes_the_buffers_for_the_next_window() -> None:
     assert second.counts_LE1[0].tolist() == [2, 2, 0, 0, 0]
     np.testing.assert_allclose(second.stats_LS[0, :4], [0.5, 0.5, 0.5, 0.5])  # two uniform rows
     assert second.prob_tokens_L.tolist() == [2]
+
+
+def _reference(idx: torch.Tensor, logits: torch.Tensor, e: int) -> tuple[list[int], np.ndarray]:
+    """Counts per column (below 0, experts 0..E-1, E and above) and (probability sums, z-loss sum, finite
+    rows) in float64, row by row, by the definitions."""
+    ids = idx.reshape(-1).tolist()
+    counts = [sum(i < 0 for i in ids)] + [ids.count(j) for j in range(e)] + [sum(i >= e for i in ids)]
+    x = logits.double()
+    lse = torch.logsumexp(x, dim=-1)
+    finite = torch.isfinite(lse)
+    probs = torch.softmax(x[finite], dim=-1).sum(dim=0)
+    z = (lse[finite] ** 2).sum()
+    return counts, np.concatenate([probs.numpy(), [z.item(), finite.sum().item()]])
+
+
+@pytest.mark.parametrize("t,e", [(64, 8), (1024, 8), (4096, 64), (3000, 40)])
+def test_counts_and_statistics_equal_the_definitions(t: int, e: int) -> None:
+    """Exact counts (invalid ids in their edge columns) and float64-reference statistics, through both the
+    bucketize and the CPU clamp count paths and both softmax layouts, with non-finite rows of every kind,
+    for a router narrower than the widest (its statistics cells are not adjacent) and for the widest."""
+    widths = [e, e + 3]
+    acc = Accumulator(widths)
+    data = []
+    for layer, width in enumerate(widths):
+        g = torch.Generator().manual_seed(t + width)
+        idx = torch.randint(0, width, (t, 2), generator=g)
+        idx[:5, 0] = torch.tensor([-1, -7, width, width + 3, 10**6])  # invalid ids below and above
+        logits = torch.randn(t, width, generator=g) * 4
+        logits[1, 2] = float("nan")
+        logits[2, 0] = float("inf")
+        logits[3] = float("-inf")  # every expert -inf
+        logits[4, : width // 2] = float("-inf")  # masked experts: a finite row
+        logits[5] *= 1e4  # large but finite
+        with torch.no_grad():
+            acc.update(layer, RouterOutput(indices_TK=idx, logits_TE=logits), 2)
+        data.append((idx, logits))
+    counts = _window(acc)
+    e_max = max(widths)
+    for layer, (width, (idx, logits)) in enumerate(zip(widths, data, strict=True)):
+        want_counts, want_stats = _reference(idx, logits, width)
+        below = int(counts.invalid_below_L[layer])
+        got_counts = [below, *counts.counts_LE1[layer, :width].tolist(), int(counts.counts_LE1[layer, width]) - below]
+        assert got_counts == want_counts
+        assert counts.tokens_L[layer] == t and counts.prob_tokens_L[layer] == t
+        got = np.concatenate([counts.stats_LS[layer, :width], counts.stats_LS[layer, e_max : e_max + 2]])
+        assert got[-1] == want_stats[-1] == t - 3  # finite rows, exactly: the NaN, +inf and all -inf rows are not
+        np.testing.assert_allclose(got[:width], want_stats[:width], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(got[width], want_stats[width], rtol=1e-5)
+        assert not counts.stats_LS[layer, width:e_max].any()  # nothing written between the two

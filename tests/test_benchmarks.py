@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,18 +29,32 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     text = _run(
         "benchmarks/overhead.py", "--models", "demo,qwen3moe", "--blocks", "2", "--steps-per-block", "2",
-        "--window-steps", "2", "--warmup", "1", "--scale", "0.1", "--json", str(out),
+        "--window-steps", "2", "--warmup", "1", "--scale", "0.1", "--hook-steps", "2", "--hook-rounds", "2",
+        "--compile", "--compile-backend", "aot_eager", "--json", str(out), timeout=300,
     )
     assert "| demo | 2 |" in text and "| qwen3moe | 2 |" in text
+    assert "compiled+moewatch / compiled" in text
     data = json.loads(out.read_text())
     for r in data["results"]:
-        assert r["ratio"]["moewatch/plain"]["n"] == 2
-        assert r["window_ends"] >= 2  # window ends were inside the timed blocks
+        x = r["extra"]
+        assert set(r["ratio"]) == {"moewatch/plain", "naive/plain", "compiled+moewatch/compiled"}
+        assert all(ratio["n"] == 2 for ratio in r["ratio"].values())
+        assert set(r["step_ms"]) == {"plain", "moewatch", "naive", "compiled", "compiled+moewatch"}
+        assert r["window_ends"] >= 4  # window ends were inside the timed blocks, eager and compiled
         assert r["probs_every"] == 8  # moewatch's default
-        assert r["ops_count_call"] == 2 and 2 < r["ops_sampled_call"] <= 16
+        assert r["ops_count_call"] == 2 and 2 < r["ops_sampled_call"] <= 13
         assert r["ops_per_router_call"] == 2 + (r["ops_sampled_call"] - 2) / 8
-        assert r["extra"]["floor_hook_us_per_step"] > 0  # the floor counter's hooks ran and were timed
-        assert r["extra"]["hook_vs_floor"] == r["hook_us_per_step"] / r["extra"]["floor_hook_us_per_step"]
+        # The floor counter's hooks and moewatch's, count-only and sampled, ran and were timed.
+        assert 0 < x["floor_hook_us_per_step"] and 0 < x["count_hook_us_per_step"] < x["sampled_hook_us_per_step"]
+        assert x["calls_per_router_step"] == 1 and x["sampled_share"] == 13 / 100  # window 100, probs_every 8
+        assert r["hook_us_per_step"] == pytest.approx(
+            x["count_hook_us_per_step"] + 0.13 * (x["sampled_hook_us_per_step"] - x["count_hook_us_per_step"]))
+        assert x["hook_vs_floor"] == r["hook_us_per_step"] / x["floor_hook_us_per_step"]
+        assert x["window_end_ms"] > 0
+        c = x["compile"]
+        assert c["compiled"]["graphs"] >= 1 and c["compiled+moewatch"]["graphs"] >= 1  # each its own graph
+        assert c["graphs_compiled_in_timed_blocks"] == 0  # no recompile inside a timed block
+        assert len(c["last_window_tokens"]) == 2 and all(t > 0 for t in c["last_window_tokens"])  # hooks traced
 
 
 def test_scale_runs_tiny() -> None:

@@ -112,19 +112,22 @@ class OpRecorder(TorchDispatchMode):
 # --- models ---------------------------------------------------------------------------------------------------
 
 
-def _demo_steps(device: str = "cpu") -> tuple[nn.Module, Callable[[], None]]:
+def _demo_steps(device: str = "cpu", backend: Any = None) -> tuple[nn.Module, Callable[[], None]]:
+    """The model and one forward/backward; with ``backend`` the step runs ``torch.compile(model)`` (compiled at
+    its first call, so attach in between is attach-before-compile)."""
     torch.manual_seed(0)
     model = DemoMoE().to(device).train()
+    run = model if backend is None else torch.compile(model, backend=backend)
     x = torch.randn(64, 64, device=device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
+        run(x).square().mean().backward()
 
     return model, step
 
 
-def _qwen3_steps() -> tuple[nn.Module, Callable[[], None]]:
+def _qwen3_steps(device: str = "cpu", backend: Any = None) -> tuple[nn.Module, Callable[[], None]]:
     import transformers  # a test extra: missing it must fail, not skip
     config = transformers.Qwen3MoeConfig(
         vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
@@ -132,17 +135,19 @@ def _qwen3_steps() -> tuple[nn.Module, Callable[[], None]]:
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(config).train()
-    ids = torch.randint(0, 64, (2, 8))
+    model = transformers.Qwen3MoeForCausalLM(config).to(device).train()
+    run = model if backend is None else torch.compile(model, backend=backend)
+    ids = torch.randint(0, 64, (2, 8), device=device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        run(input_ids=ids, labels=ids).loss.backward()
 
     return model, step
 
 
 MODELS = {"demo": _demo_steps, "qwen3_moe": _qwen3_steps}
+TOKENS_PER_STEP = {"demo": 64, "qwen3_moe": 16}
 
 
 def _record(step: Callable[[], None], n: int) -> OpRecorder:
@@ -220,11 +225,13 @@ def test_every_update_path_is_sync_free(case: str) -> None:
     assert [s for s, _ in rec.moewatch_syncs] == []
 
 
-def test_kernels_per_router_call() -> None:
+@pytest.mark.parametrize("tokens,experts", [(64, 8), (4096, 64)])
+def test_kernels_per_router_call(tokens: int, experts: int) -> None:
     """The budget of device kernels one router call launches (indices + softmax logits, the common case):
-    2 to count on every call, 13 more on the calls that sample the probability statistics."""
-    acc = Accumulator([8], probs_every=2)
-    out = RouterOutput(indices_TK=torch.randint(0, 8, (64, 2)), logits_TE=torch.randn(64, 8))
+    2 to count on every call (3 on the CPU from 2048 ids on, where bucketize is slow), 11 more on the calls
+    that sample the probability statistics."""
+    acc = Accumulator([experts], probs_every=2)
+    out = RouterOutput(indices_TK=torch.randint(0, experts, (tokens, 2)), logits_TE=torch.randn(tokens, experts))
     kernels = []
     with torch.no_grad():
         acc.update(0, out, 2)
@@ -234,10 +241,11 @@ def test_kernels_per_router_call() -> None:
             with rec:
                 acc.update(0, out, 2)
             kernels.append(rec.kernels())
-    # bucketize, index_add_ (count); log_softmax, exp, nansum, add_ (probability sums); amax, amax, sub, eq,
-    # count_nonzero, add_ (finite rows); nan_to_num, dot, add_ (z-loss). Before: 16, earlier 17 + composites.
-    assert len(kernels[0]) <= 15, kernels[0]
-    assert len(kernels[1]) <= 2, kernels[1]
+    count = ["bucketize", "index_add_"] if tokens * 2 < 2048 else ["add", "clamp_", "index_add_"]
+    assert kernels[1] == count
+    # softmax, nansum, add_ (probability sums); amax, amax, log_, sub (logsumexp); mul, addcmul, nansum, add_
+    # (z-loss and finite rows together). Before: 13, earlier 14, 17 + composites.
+    assert kernels[0][: len(count)] == count and len(kernels[0]) <= len(count) + 11, kernels[0]
 
 
 # --- the detectors detect -------------------------------------------------------------------------------------
@@ -296,3 +304,156 @@ def test_meta_run_catches_host_reads(how: str) -> None:
     finally:
         watch._closed = True
         watch._remove_hooks()
+
+
+# --- compiled: moewatch attached before torch.compile -----------------------------------------------------------
+#
+# A compiled graph runs no Python frame per op and there is no CUDA sync debug mode on the CPU, so the same
+# classification (``_is_sync``) is applied to the graphs themselves: a torch.compile backend that runs like
+# ``aot_eager`` records every aten op of the functionalised forward and backward graphs AOTAutograd builds,
+# with the source lines it was traced from (``node.meta["stack_trace"]``), where moewatch's frames attribute
+# an op to moewatch as the Python stack does in eager. A sync in traced code can only go two ways: into the
+# graph (``.item()`` under ``capture_scalar_outputs``, ``nonzero`` under ``capture_dynamic_output_shape_ops``),
+# where the graph check sees it, or out of it as a graph break (the default for both), which the break count
+# sees. What runs eagerly around the compiled model (the optimizer step and moewatch's post-hook) is recorded
+# with the dispatch-mode recorder as before, and the same compiled steps run on the meta device.
+
+
+def _moewatch_trace(stack_trace: str | None) -> str | None:
+    """``file:line`` of the innermost moewatch frame (outside the demo) in a node's ``stack_trace``."""
+    where = None
+    for line in (stack_trace or "").splitlines():
+        line = line.strip()
+        if line.startswith('File "') and line[6:].startswith(_PKG) and not line[6:].startswith(_DEMO):
+            path, _, rest = line[6:].partition('", line ')
+            where = f"{path[len(_PKG):]}:{rest.split(',')[0]}"
+    return where
+
+
+class GraphRecorder:
+    """A torch.compile backend (AOTAutograd, graphs run op by op as ``aot_eager``) that records the aten ops
+    of every compiled forward and backward graph: all of them, the syncing ones, and moewatch's."""
+
+    def __init__(self) -> None:
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        self.syncs: Counter[str] = Counter()
+        self.moewatch_syncs: list[tuple[str, str]] = []
+        self.moewatch_ops: list[str] = []
+
+        def compiler(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+            for node in gm.graph.nodes:
+                if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+                    continue
+                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+                where = _moewatch_trace(node.meta.get("stack_trace"))
+                if where is not None:
+                    self.moewatch_ops.append(node.target.overloadpacket.__name__)
+                if _is_sync(node.target, args, kwargs):
+                    self.syncs[str(node.target)] += 1
+                    if where is not None:
+                        self.moewatch_syncs.append((str(node.target), where))
+            return make_boxed_func(gm.forward)
+
+        self.backend = aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+def _compiled_steps(name: str, monitored: bool, steps: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """``steps`` compiled training steps that do not end a window, moewatch attached before compiling or not."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = GraphRecorder()
+    model, step = MODELS[name](device=device, backend=graphs.backend)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    watch = moewatch.attach(model, optimizer=opt, **quiet(window_steps=1000)) if monitored else None
+    if watch is not None and device == "meta":
+        watch._acc._buffers(torch.device("meta"))  # as prepare() does at attach on every other device
+    eager = OpRecorder()
+    out: dict[str, Any] = {"graphs": graphs, "eager": eager}
+    try:
+        for _ in range(steps):
+            step()
+            with eager:  # the optimizer step runs eagerly, moewatch's post-hook (step counting) included
+                opt.step()
+        out["breaks"] = sum(counters["graph_break"].values())
+        if watch is not None:
+            assert watch.step_count == steps and watch.hook_errors == 0
+            # The compiled graph counted (device-side token counters), not an eager run of the hooks.
+            out["traced"] = watch._acc.traced_calls and not any(watch._acc.tokens_L)
+            if device != "meta":
+                out["tokens"] = [layer.tokens for layer in watch.flush().layers]
+    finally:
+        if watch is not None:
+            if device == "meta":
+                watch._closed = True  # a window end copies to the host, which meta cannot; not the hot path
+                watch._remove_hooks()
+            else:
+                watch.close()
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_compiled_steps_that_do_not_end_a_window_do_not_sync(name: str) -> None:
+    plain = _compiled_steps(name, monitored=False)
+    monitored = _compiled_steps(name, monitored=True)
+    graphs = monitored["graphs"]
+    assert monitored["traced"] and monitored["tokens"] == [3 * TOKENS_PER_STEP[name]] * 2  # counted in the graph
+    assert "bucketize" in graphs.moewatch_ops and "index_add" in graphs.moewatch_ops, "the recorder is not looking"
+    assert graphs.moewatch_syncs == [], f"moewatch synchronises in the compiled graph: {graphs.moewatch_syncs}"
+    assert graphs.syncs == plain["graphs"].syncs  # whatever the model's graphs sync, moewatch adds nothing
+    assert monitored["breaks"] == plain["breaks"]  # no sync left to eager through a graph break either
+    assert monitored["eager"].moewatch_syncs == []  # the optimizer post-hook on steps that do not end a window
+
+
+def test_compiled_monitored_steps_run_on_the_meta_device() -> None:
+    run = _compiled_steps("demo", monitored=True, device="meta")  # raises if anything reads a value on the host
+    assert run["traced"] and run["breaks"] == 0
+
+
+@contextmanager
+def _broken_traced_update(bad: Callable[[RouterOutput], Any]) -> Iterator[None]:
+    orig = Accumulator._update_traced
+
+    def update(self: Accumulator, layer: int, out: RouterOutput, top_k: int) -> None:
+        orig(self, layer, out, top_k)
+        # Into a buffer, or the graph would drop the result as dead code; the statistics do not matter here.
+        self._bufs[out.indices_TK.device].stats_LS[layer, 0].add_(bad(out))
+
+    Accumulator._update_traced = update  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Accumulator._update_traced = orig  # type: ignore[method-assign]
+
+
+#: A sync added to the traced hot path, and whether dynamo is told to put it into the graph (else: a break).
+COMPILED_BREAKS: dict[str, tuple[Callable[[RouterOutput], Any], bool]] = {
+    "item in graph": (lambda out: out.indices_TK.max().item() + 1, True),
+    "nonzero in graph": (lambda out: torch.nonzero(out.indices_TK == 0).sum(), True),
+    "bool mask in graph": (lambda out: out.indices_TK[out.indices_TK > 0].sum(), True),
+    "item as a graph break": (lambda out: out.indices_TK.max().item() + 1, False),
+    "tolist as a graph break": (lambda out: len(out.indices_TK.tolist()), False),
+}
+
+
+@pytest.mark.parametrize("how", sorted(COMPILED_BREAKS))
+def test_compiled_checks_catch_a_sync_added_to_the_traced_hot_path(how: str) -> None:
+    bad, in_graph = COMPILED_BREAKS[how]
+    capture = {"capture_scalar_outputs": in_graph, "capture_dynamic_output_shape_ops": in_graph}
+    with torch._dynamo.config.patch(**capture), _broken_traced_update(bad):
+        run = _compiled_steps("demo", monitored=True, steps=1)
+    if in_graph:
+        assert run["graphs"].moewatch_syncs, f"{how} was not caught"
+        assert all(where.startswith(("accumulator.py", "monitor.py")) for _, where in run["graphs"].moewatch_syncs)
+    else:
+        assert run["breaks"] > 0, f"{how} was not caught"
+
+
+@pytest.mark.parametrize("how", ["item", "cpu"])
+def test_compiled_meta_run_catches_host_reads(how: str) -> None:
+    bad = {"item": lambda out: out.indices_TK.sum().item(), "cpu": lambda out: out.indices_TK.cpu().sum()}[how]
+    with _broken_traced_update(bad), pytest.raises(Exception):  # noqa: B017 - any error: meta has no data
+        _compiled_steps("demo", monitored=True, steps=1, device="meta")
