@@ -22,8 +22,8 @@ floor counter's (``FloorCounter``: the same count kernels and nothing else; the 
 step), for count-only calls and for calls that sample the probability statistics, and combined at moewatch's
 default sampling; window ends are timed apart.
 
-    python benchmarks/overhead.py                       # all models, eager, CPU (~5 min on 2 cores)
-    python benchmarks/overhead.py --compile             # + compiled variants (inductor; ~10 min)
+    python benchmarks/overhead.py                       # all models, eager, CPU (about 5 min on 2 cores)
+    python benchmarks/overhead.py --compile             # + compiled variants (inductor; about 8 min)
     python benchmarks/overhead.py --models demo --blocks 60
     python benchmarks/overhead.py --device cuda --compile
 """
