@@ -13,6 +13,7 @@ from torch import nn
 
 from moewatch.adapters.discovery import discover_routers
 from moewatch.alerting.sink import callback_alert_sink
+from moewatch.compiled import refresh_compiled
 from moewatch.config import MoEWatchConfig, build_config
 from moewatch.errors import ConfigError
 from moewatch.exporter.sink import prometheus_sink
@@ -58,7 +59,8 @@ def attach(
     if not isinstance(model, nn.Module):
         raise TypeError(f"moewatch.attach expects a torch.nn.Module, got {type(model).__name__}")
     # A torch.compile'd module: attach to the module it wraps, so that names match the eager run (no
-    # `_orig_mod.` prefix). The new hooks change what dynamo guards on: the next call recompiles once.
+    # `_orig_mod.` prefix). If it has run compiled, its graphs would never call the new hooks: see
+    # refresh_compiled below (one recompile).
     model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     check_not_attached(model)  # before any sink binds a port: a second attach must say what it is
     cfg = build_config(config, overrides)
@@ -107,6 +109,7 @@ def attach(
         for s in all_sinks:
             s.close()
         raise
+    refresh_compiled(model)
     log.info(
         "moewatch attached to %d routers (%s), window %d steps, run %r",
         len(specs), ", ".join(sorted({s.family for s in specs})), cfg.window_steps, cfg.run_name,

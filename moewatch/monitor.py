@@ -92,6 +92,7 @@ class Monitor:
         self._handles: list[Any] = []
         self._disabled = [False] * len(specs)
         self._invalid_ids_logged = Once()  # keyed by router position
+        self._nothing_counted_logged = False
         self.hook_errors = 0
         self.latest: WindowReport | None = None
         # prometheus.per_rank: the exporter of every rank gets a report of that rank's own counts.
@@ -499,6 +500,7 @@ class Monitor:
         reporting = self._reporting_rank()
         if reporting:
             self._log_invalid_ids(report)
+            self._log_nothing_counted(report)
         for sink in self._sinks:
             # Per-rank sinks (prometheus.per_rank) get this rank's own counts on every rank; the others get
             # the group's window, on the reporting rank only.
@@ -528,6 +530,23 @@ class Monitor:
                 layer.module, layer.index, layer.family, layer.invalid_ids, e, report.window,
                 below, layer.invalid_ids - below, e, layer.assignments,
             )  # fmt: skip
+
+    def _log_nothing_counted(self, report: WindowReport) -> None:
+        """Warn once when a window of training steps saw no router call at all: the hooks are not running
+        (a compiled step function that ran before attach, a model copy, routers that never run)."""
+        if self._nothing_counted_logged or report.step_end <= report.step_start or report.hook_errors:
+            return
+        if any(layer.tokens for layer in report.layers):
+            return
+        self._nothing_counted_logged = True
+        log.warning(
+            "moewatch: window %d (steps %d-%d) counted no router call on any of the %d routers: their hooks did "
+            "not run. If the training step is compiled and ran before moewatch.attach, call "
+            "torch.compiler.reset() after attaching (compiled graphs do not call hooks added later); check "
+            "that the model given to attach is the one being trained, and model.train() (or count_eval=True). "
+            "Logged once",
+            report.window, report.step_start, report.step_end, len(report.layers),
+        )  # fmt: skip
 
     def _remove_hooks(self) -> None:
         for h in self._handles:

@@ -142,3 +142,57 @@ def test_compiled_without_step_source_warns(caplog):
         watch.close()
     assert "torch.compile" in caplog.text and "optimizer=" in caplog.text
     assert watch.latest is not None and [layer.tokens for layer in watch.latest.layers] == [128, 128]
+
+
+def _eager_tokens(steps: int) -> list[int]:
+    return [64 * steps, 64 * steps]
+
+
+@pytest.mark.parametrize("how", ["torch.compile(model)", "block.compile()"])
+def test_attach_after_the_compiled_model_ran_counts_every_call(how, caplog):
+    """Dynamo does not guard on hooks added after its first call (skip_nnmodule_hook_guards): without the
+    reset in attach, the compiled graphs run on and the monitor counts 0 tokens."""
+    torch._dynamo.reset()
+    model = _demo()
+    if how == "block.compile()":
+        for layer in model.layers:
+            layer.compile(backend="aot_eager")
+        run = model
+    else:
+        run = torch.compile(model, backend="aot_eager")
+    g = torch.Generator().manual_seed(1)
+    _demo_step(run, g)  # compiled and run before attach
+    with caplog.at_level(logging.WARNING, logger="moewatch"):
+        watch = moewatch.attach(run, **quiet())
+    try:
+        for _ in range(2):
+            _demo_step(run, g)
+            watch.step()
+        report = watch.flush()
+        assert [layer.tokens for layer in report.layers] == _eager_tokens(2)
+        assert sum(report.layers[0].loads) == 2 * 64 * 2
+        assert "torch.compiler.reset()" in caplog.text
+    finally:
+        watch.close()
+
+
+def test_attach_to_a_compiled_model_that_has_not_run_resets_nothing(caplog):
+    torch._dynamo.reset()
+    compiled = torch.compile(_demo(), backend="aot_eager")
+    with caplog.at_level(logging.WARNING, logger="moewatch"):
+        watch = moewatch.attach(compiled, **quiet())
+    watch.close()
+    assert "torch.compiler.reset()" not in caplog.text
+
+
+def test_window_with_no_router_call_warns_once(caplog):
+    """The second line of defence, for what attach cannot see (e.g. a compiled training-step function):
+    training steps whose windows hold no router call are named once."""
+    model = _demo()
+    watch = moewatch.attach(model, **quiet(window_steps=1))
+    with caplog.at_level(logging.WARNING, logger="moewatch"):
+        for _ in range(3):
+            watch.step()  # steps with no forward: the hooks never run
+    watch.close()
+    assert caplog.text.count("counted no router call") == 1
+    assert "torch.compiler.reset()" in caplog.text

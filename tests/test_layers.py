@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "moewatch.window",
             "moewatch.trend",
             "moewatch.resume",
+            "moewatch.compiled",
         ),
     ),
     ("monitor", ("moewatch.monitor",)),
