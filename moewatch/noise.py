@@ -11,8 +11,10 @@ false-alarm rate ``alpha`` per layer-window:
   ``sqrt(c * chi2_{E-1}(1-alpha) / A)`` with ``c = (E-k)/(E-1)``.
 * ``norm_entropy`` (lower floor): ``ln E - H(L/A) ~= E/2 * sum (p_i - 1/E)^2``, the same statistic:
   ``1 - c * chi2_{E-1}(1-alpha) / (2 A ln E)`` (with a 10 % margin for the higher-order terms).
-  The same floor is used when entropy comes from the router probabilities: a window's mean probability
-  vector strays less than its loads, so this is conservative.
+  When entropy comes from the router probabilities, the floor is that of the ``n`` sampled tokens with
+  ``k = 1`` (``c = 1``): the mean of ``n`` probability vectors strays at most as far as ``n`` one-hot
+  draws (confident routers), less for soft ones. ``n`` is the window's probability-token count, a
+  ``probs_every``-th of its tokens, so sampling raises this floor honestly.
 * ``top2_excess``: a union bound over the ``E(E-1)/2`` pairs with Bernstein's inequality for the pair's
   summed load (per-token contribution bounded by ``min(k, 2)``).
 * ``dead_ratio``: each expert's exact binomial probability of falling below ``dead_fraction * f``, and

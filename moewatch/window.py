@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -85,6 +86,9 @@ def build_layer_report(
     nonfinite = max(int(round(prob_tokens - finite_rows)), 0)
     faults = OutputFaults(e, assignments, invalid, min(int(invalid_below), invalid), nonfinite, int(prob_tokens))
     noise = noise_floor(assignments, e, info.top_k, cfg.false_alarm_rate, cfg.dead_fraction)
+    if source == "probs":  # the entropy estimate rests on the sampled tokens, not on every assignment
+        floor = noise_floor(int(prob_tokens), e, 1, cfg.false_alarm_rate, cfg.dead_fraction).norm_entropy
+        noise = replace(noise, norm_entropy=floor)
     cls = classify_layer(
         load_cov=cov,
         dead_ratio=dead_ratio,

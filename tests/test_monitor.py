@@ -314,14 +314,14 @@ def test_default_samples_probabilities_from_the_first_call_of_every_window():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     settings = {k: v for k, v in quiet(window_steps=2).items() if k != "probs_every"}
     with moewatch.attach(model, optimizer=opt, **settings) as watch:
-        assert watch.config.probs_every == 8
-        for window in range(3):  # windows of 2 steps x 5 calls
+        assert watch.config.probs_every == 32
+        for window in range(3):  # windows of 2 steps x 20 calls
             for step in range(2):
-                for _ in range(5):
+                for _ in range(20):
                     model(tokens_for(A1))
-                if step == 1:  # calls 0 and 8 of this window were sampled (not 16, or 24 and 32, of the run)
+                if step == 1:  # calls 0 and 32 of this window were sampled (not 40 and 72, or 64, of the run)
                     assert watch._acc.prob_tokens_L == [2 * len(A1)], window
                 opt.step()
             layer = watch.latest.layers[0]
-            assert layer.loads == expected_loads(A1 * 10, 4) and layer.tokens == 10 * len(A1)
+            assert layer.loads == expected_loads(A1 * 40, 4) and layer.tokens == 40 * len(A1)
             assert layer.entropy_source == "probs" and layer.z_loss is not None

@@ -119,3 +119,26 @@ def test_noise_aware_can_be_switched_off():
     loads = np.array([100, 92, 78, 78, 78, 72, 72, 70, 0])
     layer = build_layer_report(info, loads, _stats(8), 320, 0, MoEWatchConfig(noise_aware=False))
     assert layer.state is HealthState.WARNING and layer.noise_floor["top2_excess"] is not None
+
+
+def test_probability_entropy_is_judged_against_the_noise_of_its_sampled_tokens():
+    """Entropy from the router probabilities rests on the sampled tokens (``probs_every``), not on every
+    assignment: a balanced, confident router seen on 16 sampled tokens of 4096 reads entropy 0.72 by chance,
+    which is inside the noise of 16 tokens (the loads' floor, 0.999 at 8192 assignments, would call it a
+    warning)."""
+    rng = np.random.default_rng(3)
+    e, k, tokens, sampled = 8, 2, 4096, 16
+    info = RouterInfo(0, "gate", "test", e, k)
+    loads = _k_distinct_loads(rng, 1, tokens, e, k)[0]
+    stats = _stats(e)
+    stats[:e] = np.bincount(np.repeat(np.arange(5), [5, 4, 4, 2, 1]), minlength=e)  # 16 near-one-hot rows
+    stats[e + 1] = sampled  # finite rows
+    layer = build_layer_report(info, np.append(loads, 0), stats, tokens, sampled, CFG)
+    assert layer.entropy_source == "probs" and 0.5 < layer.norm_entropy < 0.85
+    assert layer.noise_floor["norm_entropy"] == pytest.approx(noise_floor(sampled, e, 1).norm_entropy)
+    assert layer.metric_states["norm_entropy"] is HealthState.INSUFFICIENT_DATA
+    assert layer.state is HealthState.HEALTHY
+    # the same mean probability vector over 4096 sampled tokens is a real warning
+    stats[:e] *= tokens / sampled
+    stats[e + 1] = tokens
+    assert build_layer_report(info, np.append(loads, 0), stats, tokens, tokens, CFG).state is HealthState.WARNING
