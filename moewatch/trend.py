@@ -24,6 +24,7 @@ there, or the layer is already collapsed). The alert engine raises ``projected_c
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -35,8 +36,15 @@ from moewatch.trend_settings import EarlyWarningConfig
 __all__ = ["EarlyWarningConfig", "TrendTracker", "projected_crossing", "theil_sen"]
 
 
+#: Up to this many points (the default history is 8 windows) the fit runs in plain Python: numpy's per-call
+#: overhead (triu_indices, three medians) costs several times the work on a few dozen pairs.
+_PY_FIT_MAX = 24
+
+
 def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(slope, intercept, share of positive pairwise slopes) of the Theil-Sen line through ``(x, y)``."""
+    if x.size <= _PY_FIT_MAX:
+        return _theil_sen_small(x.tolist(), y.tolist())
     i, j = np.triu_indices(x.size, k=1)
     dx = x[j] - x[i]
     keep = dx != 0
@@ -46,6 +54,16 @@ def theil_sen(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     slope = float(np.median(slopes))
     intercept = float(np.median(y - slope * x))
     return slope, intercept, float((slopes > 0).mean())
+
+
+def _theil_sen_small(x: list[float], y: list[float]) -> tuple[float, float, float]:
+    n = len(x)
+    slopes = [(y[j] - y[i]) / (x[j] - x[i]) for i in range(n) for j in range(i + 1, n) if x[j] != x[i]]
+    if not slopes:
+        return 0.0, statistics.median(y), 0.0
+    slope = statistics.median(slopes)
+    intercept = statistics.median([b - slope * a for a, b in zip(x, y, strict=True)])
+    return slope, intercept, sum(s > 0 for s in slopes) / len(slopes)
 
 
 def projected_crossing(

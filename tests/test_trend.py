@@ -175,3 +175,20 @@ def test_idle_windows_survive_a_checkpoint_through_the_monitor():
     assert first.layers[0].idle_windows[3] == 3 and first.layers[0].idle_windows[0] == 0
     _, resumed = run(state)
     assert resumed.layers[0].idle_windows[3] == 6
+
+
+def test_small_fit_equals_the_numpy_fit():
+    from moewatch import trend
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 8, trend._PY_FIT_MAX):
+        for _ in range(20):
+            x = np.sort(rng.integers(0, 50, n)).astype(np.float64)  # repeated x values too
+            y = rng.normal(size=n)
+            small = trend.theil_sen(x, y)
+            trend_max, trend._PY_FIT_MAX = trend._PY_FIT_MAX, 0
+            try:
+                big = trend.theil_sen(x, y)
+            finally:
+                trend._PY_FIT_MAX = trend_max
+            assert small == pytest.approx(big, rel=1e-12, abs=1e-12)
