@@ -17,6 +17,7 @@ Token counts come from tensor shapes, which the host knows without asking the de
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,7 @@ class WindowCounts:
 class _Buffers:
     """One device's buffers, plus per-layer views of them made once so that an update slices nothing."""
 
-    __slots__ = ("counts_LE2", "stats_LS", "traced_LC", "one", "ones_N", "ones_n", "count_rows", "expert_counts",
+    __slots__ = ("counts_LE2", "stats_LS", "traced_LC", "one", "count_rows", "expert_counts",
                  "edges", "layer_edges",
                  "prob_rows", "z_cells", "finite_cells", "zf_cells", "dropped_cells", "zf_mask_21", "zf_base_21")
 
@@ -56,9 +57,7 @@ class _Buffers:
         # Under torch.compile the host-side counters would be guarded Python ints (a recompile per call):
         # traced calls keep tokens, probability tokens and the call number on the device instead.
         self.traced_LC = torch.zeros(n_layers, 3, dtype=torch.float64, device=device)
-        self.one = torch.ones((), dtype=torch.int64, device=device)
-        self.ones_N = self.one.expand(0)  # the index_add_ source of the last call's size, a view of `one`
-        self.ones_n = 0
+        self.one = torch.ones((), dtype=torch.int64, device=device)  # expanded: the index_add_ source
         self.count_rows = list(self.counts_LE2.unbind(0))
         self.expert_counts = [self.counts_LE2[i, 1 : e + 1] for i, e in enumerate(num_experts)]
         # bucketize(id, [0, 1, ..., E], right=True): id + 1 for a valid id, 0 below, E + 1 above.
@@ -72,11 +71,6 @@ class _Buffers:
         # [[lse^2], [1]] per token from lse in two ops: base + (lse * mask) * lse; NaN rows stay NaN in both.
         self.zf_mask_21 = torch.tensor([[1.0], [0.0]], device=device)
         self.zf_base_21 = torch.tensor([[0.0], [1.0]], device=device)
-
-    def ones(self, n: int) -> torch.Tensor:
-        if self.ones_n != n:
-            self.ones_N, self.ones_n = self.one.expand(n), n
-        return self.ones_N
 
     def zero_(self) -> None:
         self.counts_LE2.zero_()
@@ -108,6 +102,7 @@ class Accumulator:
         self._bufs: dict[torch.device, _Buffers] = {}
         self._last: tuple[torch.device, _Buffers] | None = None
         self.traced_calls = False  # set by compiled calls, whose token counts the host does not see
+        self._updaters: dict[tuple[int, int], Callable[[RouterOutput], None]] = {}
 
     def _buffers(self, device: torch.device) -> _Buffers:
         last = self._last
@@ -148,44 +143,79 @@ class Accumulator:
         if torch.compiler.is_compiling():
             self._update_traced(layer, out, top_k)
             return
-        e = self.num_experts[layer]
-        idx = out.indices_TK
-        if idx is not None:
-            # Every router call runs this: host work kept to a few attribute reads around the two kernels.
-            device, last = idx.device, self._last
-            bufs = last[1] if last is not None and last[0] == device else self._buffers(device)
-            n = idx.numel()
-            self.tokens_L[layer] += n // top_k
-            dtype = idx.dtype
-            if dtype is not _INT64 and dtype is not _INT32:
-                idx = idx.long()
-            if n < _CLAMP_FROM or not idx.is_cpu:
-                cols_N = torch.bucketize(idx, bufs.layer_edges[layer], right=True).view(-1)
+        fn = self._updaters.get((layer, top_k))
+        if fn is None:
+            fn = self._updaters[(layer, top_k)] = self.updater(layer, top_k)
+        fn(out)
+
+    def updater(self, layer: int, top_k: int) -> Callable[[RouterOutput], None]:
+        """The eager ``update`` of one router, as a closure: the router's hook calls it on every call, so its
+        constants (edges, count row, the last device's buffers, the ``index_add_`` source of the last call's
+        size) are bound once instead of looked up per call. Must run with gradients disabled."""
+        e, probs_every = self.num_experts[layer], self.probs_every
+        tokens_L, calls_L = self.tokens_L, self._calls_L
+        general, sample = self._count_other, self._sample_eager
+        # The last device's buffers and what the count reads from them; rebound when the device changes.
+        device: torch.device | None = None
+        bufs: _Buffers | None = None
+        edges = row = ones_N = None
+        ones_n, clamp_from = -1, _CLAMP_FROM
+
+        def update(out: RouterOutput) -> None:
+            nonlocal device, bufs, edges, row, ones_N, ones_n, clamp_from
+            idx = out.indices_TK
+            if idx is not None:
+                if idx.device != device:
+                    device = idx.device
+                    bufs = self._buffers(device)
+                    edges, row, ones_n = bufs.layer_edges[layer], bufs.count_rows[layer], -1
+                    clamp_from = _CLAMP_FROM if device.type == "cpu" else 1 << 62
+                n = idx.numel()
+                tokens_L[layer] += n // top_k
+                dtype = idx.dtype
+                if dtype is not _INT64 and dtype is not _INT32:
+                    idx = idx.long()
+                if n < clamp_from:
+                    cols_N = torch.bucketize(idx, edges, right=True).view(-1)
+                else:
+                    # The same columns. CPU bucketize costs 15-30 ns per id from a few thousand ids on (1 ms
+                    # for 32k ids); add + clamp_ cost well under 1 ns per id.
+                    cols_N = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
+                if ones_n != n:
+                    ones_N, ones_n = bufs.one.expand(n), n  # type: ignore[union-attr]
+                row.index_add_(0, cols_N, ones_N)  # type: ignore[union-attr]
+                out_bufs = bufs
             else:
-                # The same columns. CPU bucketize costs 15-30 ns per id from a few thousand ids on (1 ms for
-                # 32k ids); add + clamp_ cost well under 1 ns per id.
-                cols_N = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
-            bufs.count_rows[layer].index_add_(0, cols_N, bufs.ones_N if bufs.ones_n == n else bufs.ones(n))
-        elif out.routing_map_TE is not None:
+                out_bufs = general(layer, out, e)
+            if out.dropped is not None:
+                out_bufs.dropped_cells[layer].add_(out.dropped)  # type: ignore[union-attr]
+            if probs_every > 1:  # probabilities on calls 0, N, 2N, ... of the window; counts above are exact
+                calls = calls_L[layer]
+                calls_L[layer] = calls + 1
+                if calls % probs_every:
+                    return
+            sample(layer, out, out_bufs, e)  # type: ignore[arg-type]
+
+        return update
+
+    def _count_other(self, layer: int, out: RouterOutput, e: int) -> _Buffers:
+        """Count a call that carries a routing map or per-expert counts instead of ids."""
+        if out.routing_map_TE is not None:
             rmap = out.routing_map_TE.reshape(-1, e)
             bufs = self._buffers(rmap.device)
             self.tokens_L[layer] += rmap.shape[0]
             bufs.expert_counts[layer].add_(rmap.sum(dim=0, dtype=torch.int64))
-        elif out.counts_E is not None and out.num_tokens is not None:
+            return bufs
+        if out.counts_E is not None and out.num_tokens is not None:
             counts = out.counts_E.reshape(-1)
             bufs = self._buffers(counts.device)
             self.tokens_L[layer] += out.num_tokens
             bufs.expert_counts[layer].add_(counts.to(torch.int64))
-        else:
-            raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
+            return bufs
+        raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
 
-        if out.dropped is not None:
-            bufs.dropped_cells[layer].add_(out.dropped)
-        if self.probs_every > 1:  # probabilities on calls 0, N, 2N, ... of the window; counts above are exact
-            calls = self._calls_L[layer]
-            self._calls_L[layer] = calls + 1
-            if calls % self.probs_every:
-                return
+    def _sample_eager(self, layer: int, out: RouterOutput, bufs: _Buffers, e: int) -> None:
+        """The probability statistics of a sampled call (softmax sums, z-loss, finite rows)."""
         logits = out.logits_TE
         if logits is None and out.probs_TE is None and out.logits_fn is not None:
             logits = out.logits_fn()

@@ -369,6 +369,7 @@ class Monitor:
     def _make_hook(self, i: int, spec: RouterSpec) -> Callable[..., None]:
         acc, top_k, count_eval, strict = self._acc, spec.top_k, self.config.count_eval, self.config.strict
         extract = spec.extract
+        count = acc.updater(i, top_k)  # the eager update, bound to this router
         disabled = self._disabled
         set_grad_enabled, in_graph_task = torch._C._set_grad_enabled, torch._C._current_graph_task_id
         is_compiling = torch.compiler.is_compiling
@@ -389,7 +390,7 @@ class Monitor:
             grad_was_enabled = torch.is_grad_enabled()
             try:
                 set_grad_enabled(False)  # torch.no_grad() without its context-manager overhead
-                acc.update(i, extract(module, args, output), top_k)
+                count(extract(module, args, output))
             except Exception as exc:
                 if strict:
                     raise

@@ -253,17 +253,29 @@ def test_kernels_per_router_call(tokens: int, experts: int) -> None:
 
 @contextmanager
 def _broken_update(bad: Callable[[RouterOutput], Any]) -> Iterator[None]:
-    orig = Accumulator.update
+    """Adds ``bad(out)`` after moewatch's count of every router call: the eager hooks' bound updaters and the
+    traced ``update``."""
+    orig_update, orig_updater = Accumulator.update, Accumulator.updater
 
     def update(self: Accumulator, layer: int, out: RouterOutput, top_k: int) -> None:
-        orig(self, layer, out, top_k)
+        orig_update(self, layer, out, top_k)
         bad(out)
 
+    def updater(self: Accumulator, layer: int, top_k: int) -> Callable[[RouterOutput], None]:
+        count = orig_updater(self, layer, top_k)
+
+        def broken(out: RouterOutput) -> None:
+            count(out)
+            bad(out)
+
+        return broken
+
     Accumulator.update = update  # type: ignore[method-assign]
+    Accumulator.updater = updater  # type: ignore[method-assign]
     try:
         yield
     finally:
-        Accumulator.update = orig  # type: ignore[method-assign]
+        Accumulator.update, Accumulator.updater = orig_update, orig_updater  # type: ignore[method-assign]
 
 
 BREAKS: dict[str, Callable[[RouterOutput], Any]] = {
@@ -279,12 +291,12 @@ BREAKS: dict[str, Callable[[RouterOutput], Any]] = {
 @pytest.mark.parametrize("how", sorted(BREAKS))
 def test_recorder_catches_a_sync_added_to_the_hot_path(how: str) -> None:
     model, step = _demo_steps()
-    watch = moewatch.attach(model, **quiet(window_steps=1000))
-    try:
-        with _broken_update(BREAKS[how]):
+    with _broken_update(BREAKS[how]):  # before attach: the hooks bind their updaters at attach
+        watch = moewatch.attach(model, **quiet(window_steps=1000))
+        try:
             rec = _record(step, 1)
-    finally:
-        watch.close()
+        finally:
+            watch.close()
     assert rec.moewatch_syncs, f"{how} was not caught"
 
 
@@ -297,13 +309,14 @@ def test_meta_run_catches_host_reads(how: str) -> None:
         "numpy": lambda out: out.indices_TK.numpy(),
     }[how]
     model, step = _demo_steps("meta")
-    watch = moewatch.attach(model, **quiet(window_steps=1000))
-    try:
-        with _broken_update(bad), pytest.raises(Exception):  # noqa: B017 - any error: meta has no data
-            step()
-    finally:
-        watch._closed = True
-        watch._remove_hooks()
+    with _broken_update(bad):
+        watch = moewatch.attach(model, **quiet(window_steps=1000))
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - any error: meta has no data
+                step()
+        finally:
+            watch._closed = True
+            watch._remove_hooks()
 
 
 # --- compiled: moewatch attached before torch.compile -----------------------------------------------------------
