@@ -296,16 +296,21 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
                                **({} if probs_every is None else {"probs_every": probs_every}), **SINKS_OFF)
 
     compiled_step: Callable[[int], None] | None = None
+    compiled_forward: Callable[[int], torch.Tensor] | None = None
     suspended: SuspendableMonitor | None = None
     compile_info: dict[str, Any] = {}
     if args.compile:
+        step_hook_us = _step_hook_us(attach, w.optimizer)  # before the compiled calls: attach would reset them
         # Guard on hooks (see SuspendableMonitor); the compiled plain graph then also checks that the hook
         # dicts are empty on every call, a few µs, in both compiled variants alike.
         torch._dynamo.config.skip_nnmodule_hook_guards = False
         torch._dynamo.reset()
-        compiled_step = w.make_step(torch.compile(w.model, backend=args.compile_backend))
+        compiled_model = torch.compile(w.model, backend=args.compile_backend)
+        compiled_step, compiled_forward = w.make_step(compiled_model), w.make_forward(compiled_model)
         suspended = SuspendableMonitor(attach(), w.model)  # attached before the first compiled call
         suspended.suspend()
+
+    k = 1 if device.type == "cuda" else 0  # the clock read: thread CPU time, or wall time on CUDA
 
     def run_block(v: str, n: int) -> tuple[float, float, int]:
         step = compiled_step if v in COMPILED else w.step
@@ -364,8 +369,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     gc.disable()
     try:
         for b in range(blocks):
-            k = b % len(variants)
-            order = variants[k:] + variants[:k]
+            rot = b % len(variants)
+            order = variants[rot:] + variants[:rot]
             for v in order:
                 cpu, wall, ends = run_block(v, steps_per_block)
                 per_step[v].append((cpu, wall))
@@ -379,10 +384,14 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         compile_info["graphs_compiled_in_timed_blocks"] = _compile_stats()[0] - graphs_before
         latest = suspended.watch.latest  # the compiled graph counted: its last window's tokens per router
         compile_info["last_window_tokens"] = [layer.tokens for layer in latest.layers] if latest else []
+        assert compiled_forward is not None
+        g0 = _compile_stats()[0]
+        compile_info["in_graph"] = _in_graph_rounds(compiled_forward, suspended, hook_steps, args.graph_rounds,
+                                                    clock, k, w.tokens_per_step)
+        compile_info["graphs_compiled_in_graph_rounds"] = _compile_stats()[0] - g0
         suspended.close()
         torch._dynamo.config.skip_nnmodule_hook_guards = True
 
-    k = 1 if device.type == "cuda" else 0
     pairs = [(a, b) for a, b in PAIRS if a in variants]
     ratios = {f"{a}/{b}": _summarise([x[k] / y[k] for x, y in zip(per_step[a], per_step[b], strict=True)])
               for a, b in pairs}
@@ -408,6 +417,15 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     watch.close()
     hook = _in_hook_rounds(w, specs, attach, hook_steps, counter[0], rounds=args.hook_rounds)
     hook["window_end_ms"] = _window_end_ms(w, attach, window_end_steps, counter[0])
+    if args.compile:
+        # The compiled variant's cost per step, from parts each timed below the blocks' noise: the traced
+        # hooks in the forward, the post-hook of every step, and a window end per DEFAULT_WINDOW steps.
+        g = compile_info["in_graph"]
+        g["step_hook_us"] = step_hook_us
+        per_step_us = g["us_per_forward"] + g["step_hook_us"] + hook["window_end_ms"] * 1e3 / DEFAULT_WINDOW
+        compiled_us = step_ms["compiled"] * 1e3
+        g["modeled_ratio"] = 1 + per_step_us / compiled_us
+        g["modeled_ratio_ci"] = [1 + (g["ci"][j] + per_step_us - g["us_per_forward"]) / compiled_us for j in (0, 1)]
     # moewatch's defaults: a window of DEFAULT_WINDOW steps samples ceil(calls / probs_every) of its calls.
     calls = DEFAULT_WINDOW * hook["calls_per_router_step"]
     share = math.ceil(calls / probs_every) / calls
@@ -451,6 +469,53 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
             "warmup": warmup,
         },
     )
+
+
+def _in_graph_rounds(
+    forward: Callable[[int], torch.Tensor], suspended: SuspendableMonitor, n: int, rounds: int, clock: Clock, k: int,
+    tokens_per_forward: int,
+) -> dict[str, Any]:
+    """What moewatch adds inside the compiled graph, resolved below the A/B blocks' noise: the compiled
+    forward alone (moewatch's traced hooks run there and nowhere else: they add nothing to the backward
+    graph, and the optimizer post-hook and window ends are timed apart), ``n`` calls with moewatch's graph and
+    ``n`` with the plain one, alternating in ``rounds`` rounds (order swapped every round). Returns the median
+    paired difference in µs per forward with a bootstrap 95% CI, the plain forward's time, and the tokens
+    moewatch counted per router over the rounds (``rounds * n * tokens_per_forward`` when its graph ran in
+    exactly its halves)."""
+    watch = suspended.watch
+    suspended.resume()
+    watch.flush()  # whatever an earlier block left: the rounds' counts start from zero
+    suspended.suspend()
+    diffs: list[float] = []
+    plain: list[float] = []
+
+    def timed(with_moewatch: bool) -> float:
+        (suspended.resume if with_moewatch else suspended.suspend)()
+        c0 = clock.now()[k]
+        for i in range(n):
+            forward(i)
+        t = (clock.now()[k] - c0) / n
+        if with_moewatch:
+            suspended.suspend()
+        return t
+
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            first = r % 2 == 0
+            a = timed(first)
+            b = timed(not first)
+            mw, pl = (a, b) if first else (b, a)
+            diffs.append((mw - pl) * 1e6)
+            plain.append(pl * 1e6)
+    finally:
+        gc.enable()
+    lo, hi = _bootstrap_median_ci(diffs)
+    report = watch.flush()
+    return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_forward_us": statistics.median(plain),
+            "rounds": rounds, "calls_per_round": n, "expected_tokens": rounds * n * tokens_per_forward,
+            "counted_tokens": [layer.tokens for layer in report.layers] if report is not None else []}
 
 
 def _paired_hook_times(
@@ -545,6 +610,27 @@ def _window_end_ms(w: Workload, attach: Callable[..., moewatch.Monitor], steps: 
     return statistics.median(times[steps // 2 :])
 
 
+def _step_hook_us(attach: Callable[..., moewatch.Monitor], optimizer: torch.optim.Optimizer,
+                  calls: int = 2000) -> float:
+    """Host time of moewatch's optimizer post-hook on a step that does not end a window, µs (median of 5
+    runs): the hooks ``attach`` registered on ``optimizer``, called as ``optimizer.step()`` calls them."""
+    before = set(optimizer._optimizer_step_post_hooks)
+    watch = attach(window=10**9)
+    hooks = [h for key, h in optimizer._optimizer_step_post_hooks.items() if key not in before]
+    try:
+        runs = []
+        for _ in range(5):
+            t = time.thread_time()
+            for _ in range(calls):
+                for h in hooks:
+                    h(optimizer, (), {})
+            runs.append((time.thread_time() - t) / calls * 1e6)
+    finally:
+        watch._step = watch._window_start_step  # no router ran: nothing to report, no idle-window warning
+        watch.close()
+    return statistics.median(runs)
+
+
 def _count_update_ops(watch: moewatch.Monitor, w: Workload) -> tuple[int, int, int]:
     """Per router call, on the window's first step (its calls sample the probability statistics) and on the
     next (count-only, unless probs_every is 1): non-view aten ops moewatch issues, and the bytes of the
@@ -619,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hook-steps", type=int, default=0,
                    help="steps per in-hook measurement (0: per-model default: demo 50, qwen3moe 20, moe64 2)")
     p.add_argument("--hook-rounds", type=int, default=3, help="rounds of in-hook measurements (default 3)")
+    p.add_argument("--graph-rounds", type=int, default=16,
+                   help="--compile: rounds of compiled-forward pairs timing moewatch's in-graph cost (default 16)")
     p.add_argument("--scale", type=float, default=1.0, help="scale tokens per step (smoke tests use < 1)")
     p.add_argument("--probs-every", type=int, default=None,
                    help="moewatch probs_every: probability statistics on every Nth router call of a window "
@@ -655,11 +743,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {key:<28} {_fmt_ratio(r.ratio[key])}  wall {r.wall_ratio[key]:.4f}  "
                   f"fastest-10% blocks {r.fast_ratio[key]:.4f}")
         for v, c in x["compile"].items():
-            if isinstance(c, dict):
+            if v in COMPILED:
                 print(f"   {v}: {c['graphs']} graphs, {c['graph_breaks']} graph breaks at its first calls "
                       f"({c['warmup_s']:.0f} s warm-up with compilation)")
         if "graphs_compiled_in_timed_blocks" in x["compile"]:
-            print(f"   graphs compiled during the timed blocks: {x['compile']['graphs_compiled_in_timed_blocks']}")
+            c = x["compile"]
+            g = c["in_graph"]
+            print(f"   graphs compiled during the timed blocks: {c['graphs_compiled_in_timed_blocks']}, during the "
+                  f"in-graph rounds: {c['graphs_compiled_in_graph_rounds']}")
+            print(f"   compiled, in the graph ({g['rounds']} rounds x {g['calls_per_round']} forwards each way): moewatch "
+                  f"adds {g['us_per_forward']:.1f} us per forward (95% CI {g['ci'][0]:.1f} to {g['ci'][1]:.1f}; plain "
+                  f"forward {g['plain_forward_us']:.0f} us); post-hook {g['step_hook_us']:.1f} us/step; with a window "
+                  f"end per {DEFAULT_WINDOW} steps: compiled+moewatch / compiled {g['modeled_ratio']:.4f} "
+                  f"({g['modeled_ratio_ci'][0]:.4f}-{g['modeled_ratio_ci'][1]:.4f})")
         print(f"   router hooks, us/step (medians of {x['hook_rounds']} rounds x {x['hook_steps']} steps, on the same calls "
               f"as the floor's, window ends apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
               f"{x['count_hook_us_per_step']:.1f} ({x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x "
@@ -694,13 +790,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every {r.probs_every}) | {mem} |")
     if args.compile:
         print("\n| model | compiled ms/step (eager plain) | compiled+moewatch / compiled, median [IQR] (95% CI) | "
-              "fastest 10% | graph breaks: compiled / +moewatch | graphs compiled in timed blocks |")
-        print("|---|---|---|---|---|---|")
+              "fastest 10% | in the graph, us/forward (95% CI) | from its parts at window 100 (95% CI) | "
+              "graph breaks: compiled / +moewatch | graphs compiled in timed blocks |")
+        print("|---|---|---|---|---|---|---|---|")
         for r in results:
             c, ci = r.ratio["compiled+moewatch/compiled"], r.extra["compile"]
             print(f"| {r.model} | {r.step_ms['compiled']:.2f} ({r.step_ms['plain']:.2f}) | {c.median:.4f} "
                   f"[{c.q1:.4f}-{c.q3:.4f}] ({c.ci_lo:.4f}-{c.ci_hi:.4f}) | "
-                  f"{r.fast_ratio['compiled+moewatch/compiled']:.4f} | {ci['compiled']['graph_breaks']} / "
+                  f"{r.fast_ratio['compiled+moewatch/compiled']:.4f} | {ci['in_graph']['us_per_forward']:.1f} "
+                  f"({ci['in_graph']['ci'][0]:.1f} to {ci['in_graph']['ci'][1]:.1f}) | "
+                  f"{ci['in_graph']['modeled_ratio']:.4f} ({ci['in_graph']['modeled_ratio_ci'][0]:.4f}-"
+                  f"{ci['in_graph']['modeled_ratio_ci'][1]:.4f}) | {ci['compiled']['graph_breaks']} / "
                   f"{ci['compiled+moewatch']['graph_breaks']} | {ci['graphs_compiled_in_timed_blocks']} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -36,6 +36,8 @@ class Workload:
     # make_step(fn): the same step (optimizer, batches) with the forward run by ``fn`` instead of ``model``
     # (``torch.compile(model)``).
     make_step: Callable[[Callable[..., Any]], Callable[[int], None]]
+    # make_forward(fn): the step's forward alone (the loss of batch i, no backward, no optimizer step).
+    make_forward: Callable[[Callable[..., Any]], Callable[[int], torch.Tensor]]
 
 
 # --- (b) a simple MoE with a transformers-style TopKRouter --------------------------------------------------
@@ -110,13 +112,24 @@ class BenchMoE(nn.Module):
 # --- workloads ----------------------------------------------------------------------------------------------
 
 
+def _regression_forward(
+    model: Callable[..., Any], batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> Callable[[int], torch.Tensor]:
+    def forward(i: int) -> torch.Tensor:
+        x_TD, y_TD = batches[i % len(batches)]
+        return F.mse_loss(model(x_TD), y_TD)
+
+    return forward
+
+
 def _regression_step(
     model: Callable[..., Any], opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]],
     after: Callable[[], None] | None = None,
 ) -> Callable[[int], None]:
+    forward = _regression_forward(model, batches)
+
     def step(i: int) -> None:
-        x_TD, y_TD = batches[i % len(batches)]
-        loss = F.mse_loss(model(x_TD), y_TD)
+        loss = forward(i)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -140,7 +153,7 @@ def build_demo(device: torch.device, seed: int, scale: float = 1.0) -> Workload:
         return _regression_step(fn, opt, batches, after=lambda: model.update_bias("bias", 0.1))
 
     return Workload("demo", "DemoMoE default: 2 layers, E=8, top-2, 64 tok/step, D=64", model, opt,
-                    make_step(model), 64, 2, 8, 2, make_step)
+                    make_step(model), 64, 2, 8, 2, make_step, lambda fn: _regression_forward(fn, batches))
 
 
 def build_moe64(device: torch.device, seed: int, scale: float = 1.0) -> Workload:
@@ -158,7 +171,8 @@ def build_moe64(device: torch.device, seed: int, scale: float = 1.0) -> Workload
         return _regression_step(fn, opt, batches)
 
     desc = f"simple MoE: 4 layers, E=64, top-8, D=512, F=128, {tokens} tok/step"
-    return Workload("moe64", desc, model, opt, make_step(model), tokens, 4, 64, 8, make_step)
+    return Workload("moe64", desc, model, opt, make_step(model), tokens, 4, 64, 8, make_step,
+                    lambda fn: _regression_forward(fn, batches))
 
 
 def build_qwen3moe(device: torch.device, seed: int, scale: float = 1.0) -> Workload:
@@ -179,10 +193,18 @@ def build_qwen3moe(device: torch.device, seed: int, scale: float = 1.0) -> Workl
     batches = [torch.randint(0, 1024, (batch, seq), generator=g).to(device) for _ in range(8)]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def make_step(fn: Callable[..., Any]) -> Callable[[int], None]:
-        def step(i: int) -> None:
+    def make_forward(fn: Callable[..., Any]) -> Callable[[int], torch.Tensor]:
+        def forward(i: int) -> torch.Tensor:
             ids = batches[i % len(batches)]
-            loss = fn(input_ids=ids, labels=ids).loss
+            return fn(input_ids=ids, labels=ids).loss
+
+        return forward
+
+    def make_step(fn: Callable[..., Any]) -> Callable[[int], None]:
+        forward = make_forward(fn)
+
+        def step(i: int) -> None:
+            loss = forward(i)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -190,7 +212,7 @@ def build_qwen3moe(device: torch.device, seed: int, scale: float = 1.0) -> Workl
         return step
 
     desc = f"transformers Qwen3MoeForCausalLM tiny: 2 layers, E=8, top-2, D=128, {batch * seq} tok/step"
-    return Workload("qwen3moe", desc, model, opt, make_step(model), batch * seq, 2, 8, 2, make_step)
+    return Workload("qwen3moe", desc, model, opt, make_step(model), batch * seq, 2, 8, 2, make_step, make_forward)
 
 
 WORKLOADS: dict[str, Callable[[torch.device, int, float], Workload]] = {

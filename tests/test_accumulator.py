@@ -63,13 +63,19 @@ def _reference(idx: torch.Tensor, logits: torch.Tensor, e: int) -> tuple[list[in
     return counts, np.concatenate([probs.numpy(), [z.item(), finite.sum().item()]])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "inductor"])
 @pytest.mark.parametrize("t,e", [(64, 8), (1024, 8), (4096, 64), (3000, 40)])
-def test_counts_and_statistics_equal_the_definitions(t: int, e: int) -> None:
+def test_counts_and_statistics_equal_the_definitions(t: int, e: int, compiled: bool) -> None:
     """Exact counts (invalid ids in their edge columns) and float64-reference statistics, through both the
     bucketize and the CPU clamp count paths and both softmax layouts, with non-finite rows of every kind,
-    for a router narrower than the widest (its statistics cells are not adjacent) and for the widest."""
+    for a router narrower than the widest (its statistics cells are not adjacent) and for the widest; and
+    the same through the traced path compiled by inductor (add + clamp and an int32 histogram). With
+    ``probs_every=2`` each router's second call is counted but not sampled."""
     widths = [e, e + 3]
-    acc = Accumulator(widths)
+    acc = Accumulator(widths, probs_every=2)
+    if compiled:
+        torch._dynamo.reset()
+        acc.prepare(torch.device("cpu"))
     data = []
     for layer, width in enumerate(widths):
         g = torch.Generator().manual_seed(t + width)
@@ -81,17 +87,26 @@ def test_counts_and_statistics_equal_the_definitions(t: int, e: int) -> None:
         logits[3] = float("-inf")  # every expert -inf
         logits[4, : width // 2] = float("-inf")  # masked experts: a finite row
         logits[5] *= 1e4  # large but finite
-        with torch.no_grad():
+        unsampled_idx = torch.randint(-1, width + 1, (t // 2 + 1, 2), generator=g)  # call 1: counts only
+
+        def update(idx: torch.Tensor, logits: torch.Tensor, layer: int = layer) -> None:
             acc.update(layer, RouterOutput(indices_TK=idx, logits_TE=logits), 2)
-        data.append((idx, logits))
+
+        fn = torch.compile(update, backend="inductor", fullgraph=True) if compiled else update
+        with torch.no_grad():
+            fn(idx, logits)
+            fn(unsampled_idx, torch.full((unsampled_idx.shape[0], width), float("nan")))
+        data.append((idx, logits, unsampled_idx))
+    assert acc.traced_calls == compiled
     counts = _window(acc)
     e_max = max(widths)
-    for layer, (width, (idx, logits)) in enumerate(zip(widths, data, strict=True)):
+    for layer, (width, (idx, logits, unsampled_idx)) in enumerate(zip(widths, data, strict=True)):
         want_counts, want_stats = _reference(idx, logits, width)
+        want_counts = [a + b for a, b in zip(want_counts, _reference(unsampled_idx, logits[:1], width)[0], strict=True)]
         below = int(counts.invalid_below_L[layer])
         got_counts = [below, *counts.counts_LE1[layer, :width].tolist(), int(counts.counts_LE1[layer, width]) - below]
         assert got_counts == want_counts
-        assert counts.tokens_L[layer] == t and counts.prob_tokens_L[layer] == t
+        assert counts.tokens_L[layer] == t + unsampled_idx.shape[0] and counts.prob_tokens_L[layer] == t
         got = np.concatenate([counts.stats_LS[layer, :width], counts.stats_LS[layer, e_max : e_max + 2]])
         assert got[-1] == want_stats[-1] == t - 3  # finite rows, exactly: the NaN, +inf and all -inf rows are not
         np.testing.assert_allclose(got[:width], want_stats[:width], rtol=1e-5, atol=1e-4)

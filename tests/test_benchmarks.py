@@ -55,6 +55,12 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
         assert c["compiled"]["graphs"] >= 1 and c["compiled+moewatch"]["graphs"] >= 1  # each its own graph
         assert c["graphs_compiled_in_timed_blocks"] == 0  # no recompile inside a timed block
         assert len(c["last_window_tokens"]) == 2 and all(t > 0 for t in c["last_window_tokens"])  # hooks traced
+        # The in-graph rounds ran moewatch's graph in its halves only, and compiled nothing.
+        g = c["in_graph"]
+        assert c["graphs_compiled_in_graph_rounds"] == 0 and g["rounds"] == 16 and g["calls_per_round"] == 2
+        assert g["counted_tokens"] == [g["expected_tokens"]] * 2
+        assert g["ci"][0] <= g["us_per_forward"] <= g["ci"][1] and g["step_hook_us"] > 0
+        assert g["modeled_ratio_ci"][0] <= g["modeled_ratio"] <= g["modeled_ratio_ci"][1]
 
 
 def test_scale_runs_tiny() -> None:
