@@ -271,6 +271,9 @@ def _compile_stats() -> tuple[int, int]:
 #: the window-end measurement). A block is one window long, so every monitored block holds exactly one window
 #: end (its last step).
 DEFAULTS = {"demo": (100, 30, 100, 50, 24), "qwen3moe": (10, 30, 10, 20, 24), "moe64": (2, 6, 1, 2, 4)}
+#: Per-model rounds of the in-graph measurement (each round: the in-hook steps' count of compiled forwards with
+#: moewatch's graph and as many with the plain one).
+GRAPH_ROUNDS = {"demo": 40, "qwen3moe": 40, "moe64": 8}
 
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
@@ -386,7 +389,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         compile_info["last_window_tokens"] = [layer.tokens for layer in latest.layers] if latest else []
         assert compiled_forward is not None
         g0 = _compile_stats()[0]
-        compile_info["in_graph"] = _in_graph_rounds(compiled_forward, suspended, hook_steps, args.graph_rounds,
+        compile_info["in_graph"] = _in_graph_rounds(compiled_forward, suspended, hook_steps,
+                                                    args.graph_rounds or GRAPH_ROUNDS[name],
                                                     clock, k, w.tokens_per_step)
         compile_info["graphs_compiled_in_graph_rounds"] = _compile_stats()[0] - g0
         suspended.close()
@@ -705,8 +709,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hook-steps", type=int, default=0,
                    help="steps per in-hook measurement (0: per-model default: demo 50, qwen3moe 20, moe64 2)")
     p.add_argument("--hook-rounds", type=int, default=3, help="rounds of in-hook measurements (default 3)")
-    p.add_argument("--graph-rounds", type=int, default=16,
-                   help="--compile: rounds of compiled-forward pairs timing moewatch's in-graph cost (default 16)")
+    p.add_argument("--graph-rounds", type=int, default=0,
+                   help="--compile: rounds of compiled-forward pairs timing moewatch's in-graph cost "
+                        f"(0: per-model default: {', '.join(f'{m} {r}' for m, r in GRAPH_ROUNDS.items())})")
     p.add_argument("--scale", type=float, default=1.0, help="scale tokens per step (smoke tests use < 1)")
     p.add_argument("--probs-every", type=int, default=None,
                    help="moewatch probs_every: probability statistics on every Nth router call of a window "

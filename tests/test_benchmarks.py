@@ -30,7 +30,7 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
     text = _run(
         "benchmarks/overhead.py", "--models", "demo,qwen3moe", "--blocks", "2", "--steps-per-block", "2",
         "--window-steps", "2", "--warmup", "1", "--scale", "0.1", "--hook-steps", "2", "--hook-rounds", "2",
-        "--compile", "--compile-backend", "aot_eager", "--json", str(out), timeout=300,
+        "--compile", "--compile-backend", "aot_eager", "--graph-rounds", "6", "--json", str(out), timeout=300,
     )
     assert "| demo | 2 |" in text and "| qwen3moe | 2 |" in text
     assert "compiled+moewatch / compiled" in text
@@ -57,7 +57,7 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
         assert len(c["last_window_tokens"]) == 2 and all(t > 0 for t in c["last_window_tokens"])  # hooks traced
         # The in-graph rounds ran moewatch's graph in its halves only, and compiled nothing.
         g = c["in_graph"]
-        assert c["graphs_compiled_in_graph_rounds"] == 0 and g["rounds"] == 16 and g["calls_per_round"] == 2
+        assert c["graphs_compiled_in_graph_rounds"] == 0 and g["rounds"] == 6 and g["calls_per_round"] == 2
         assert g["counted_tokens"] == [g["expected_tokens"]] * 2
         assert g["ci"][0] <= g["us_per_forward"] <= g["ci"][1] and g["step_hook_us"] > 0
         assert g["modeled_ratio_ci"][0] <= g["modeled_ratio"] <= g["modeled_ratio_ci"][1]
