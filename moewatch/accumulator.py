@@ -290,28 +290,34 @@ class Accumulator:
         traced_C[0].add_(tokens)
         if out.dropped is not None:
             stats_S[self.col_dropped].add_(out.dropped)
-        probs = out.probs_TE
-        logits = out.logits_TE if probs is None else None
-        if logits is None and probs is None and out.logits_fn is not None:
-            logits = out.logits_fn()
-        if logits is None and probs is None:
-            traced_C[2].add_(1)
-            return
-        if probs is not None:
-            scores_TE, stats_fn = probs.detach().reshape(-1, e), _traced_probs_stats
-        else:
-            assert logits is not None
-            scores_TE = logits.detach().reshape(-1, e)
-            stats_fn = _traced_sigmoid_stats if out.score_func == "sigmoid" else _traced_softmax_stats
-        # Every call computes the statistics (inductor fuses them into a few small kernels). torch.cond
-        # would skip them on unsampled calls, but a cond in a router hook makes dynamo give up on the forward
-        # of transformers models (it falls back to eager frame by frame: 6 compiled frames instead of 1).
-        take = torch.remainder(traced_C[2], self.probs_every) == 0
-        stats_e3 = torch.where(take, stats_fn(scores_TE), 0.0)
+        take = torch.remainder(traced_C[2], self.probs_every) == 0  # this call is sampled
         traced_C[2].add_(1)
-        stats_S[:e].add_(stats_e3[:e])
-        stats_S[self.col_z : self.col_finite + 1].add_(stats_e3[e : e + 2])
-        traced_C[1].add_(stats_e3[e + 2])
+        logits = out.logits_TE
+        if logits is None and out.probs_TE is None and out.logits_fn is not None:
+            logits = out.logits_fn()
+        # Every call computes the statistics (inductor fuses them into a few small kernels), kept or zeroed
+        # by `take`. torch.cond would skip them on unsampled calls, but a cond in a router hook makes dynamo
+        # give up on the forward of transformers models (eager frame by frame: 6 compiled frames, not 1).
+        if logits is not None and out.probs_TE is None:
+            logits = logits.detach().reshape(-1, e).float()
+            if out.score_func == "sigmoid":
+                scores = torch.sigmoid(logits)
+                prob_sum_E = torch.nansum(scores / scores.sum(dim=-1, keepdim=True), dim=0)
+            else:
+                prob_sum_E = torch.nansum(torch.softmax(logits, dim=-1), dim=0)
+            lse_T = torch.logsumexp(logits, dim=-1)
+            finite_T = torch.isfinite(lse_T)
+            lse_T = torch.where(finite_T, lse_T, 0.0)
+            stats_S[self.col_z].add_(torch.where(take, torch.dot(lse_T, lse_T).double(), 0.0))
+            finite, rows = finite_T.sum(), logits.shape[0]
+        elif out.probs_TE is not None:
+            probs = out.probs_TE.detach().reshape(-1, e).float()
+            prob_sum_E, finite, rows = torch.nansum(probs, dim=0), torch.isfinite(probs).all(dim=-1).sum(), probs.shape[0]
+        else:
+            return
+        stats_S[:e].add_(torch.where(take, prob_sum_E.double(), 0.0))
+        stats_S[self.col_finite].add_(torch.where(take, finite.double(), 0.0))
+        traced_C[1].add_(take.double() * rows)
 
     def pack(self) -> torch.Tensor | None:
         """Everything of the window in one float64 tensor ``[L, packed_width]`` on the first device
@@ -355,36 +361,3 @@ class Accumulator:
             prob_tokens_L=prob_tokens_L,
             invalid_below_L=raw_LE2[:, 0].copy(),
         )
-
-
-# A sampled traced call's probability statistics, float64 [E + 3]: the probability sums per expert, the
-# z-loss sum, the finite rows and the tokens read (the eager _sample_eager's, in one tensor).
-
-
-def _traced_logit_stats(logits_TE: torch.Tensor, prob_sum_E: torch.Tensor) -> torch.Tensor:
-    lse_T = torch.logsumexp(logits_TE, dim=-1)
-    finite_T = torch.isfinite(lse_T)
-    lse_T = torch.where(finite_T, lse_T, 0.0)
-    return _traced_stats(prob_sum_E, torch.dot(lse_T, lse_T), finite_T.sum(), logits_TE)
-
-
-def _traced_softmax_stats(logits_TE: torch.Tensor) -> torch.Tensor:
-    logits_TE = logits_TE.float()
-    return _traced_logit_stats(logits_TE, torch.nansum(torch.softmax(logits_TE, dim=-1), dim=0))
-
-
-def _traced_sigmoid_stats(logits_TE: torch.Tensor) -> torch.Tensor:
-    logits_TE = logits_TE.float()
-    scores_TE = torch.sigmoid(logits_TE)
-    return _traced_logit_stats(logits_TE, torch.nansum(scores_TE / scores_TE.sum(dim=-1, keepdim=True), dim=0))
-
-
-def _traced_probs_stats(probs_TE: torch.Tensor) -> torch.Tensor:
-    probs_TE = probs_TE.float()
-    finite = torch.isfinite(probs_TE).all(dim=-1).sum()
-    return _traced_stats(torch.nansum(probs_TE, dim=0), torch.zeros_like(finite), finite, probs_TE)
-
-
-def _traced_stats(prob_sum_E: torch.Tensor, z: torch.Tensor, finite: torch.Tensor, rows_of: torch.Tensor) -> torch.Tensor:
-    rows = torch.full((1,), rows_of.shape[0], dtype=torch.float64, device=rows_of.device)
-    return torch.cat([prob_sum_E.double(), z.double().view(1), finite.double().view(1), rows])
