@@ -287,37 +287,57 @@ class Accumulator:
             counts_E2[1 : e + 1].add_(out.counts_E.reshape(-1).to(torch.int64))
         else:
             raise ValueError("RouterOutput needs indices_TK, routing_map_TE, or counts_E with num_tokens")
-        traced_C[0].add_(tokens)
         if out.dropped is not None:
             stats_S[self.col_dropped].add_(out.dropped)
-        take = torch.remainder(traced_C[2], self.probs_every) == 0  # this call is sampled
-        traced_C[2].add_(1)
+        # This call is sampled (calls 0, N, 2N, ... of the window): read before the call counter advances.
+        take = torch.remainder(traced_C[2], self.probs_every) == 0
         logits = out.logits_TE
         if logits is None and out.probs_TE is None and out.logits_fn is not None:
             logits = out.logits_fn()
         # Every call computes the statistics (inductor fuses them into a few small kernels), kept or zeroed
         # by `take`. torch.cond would skip them on unsampled calls, but a cond in a router hook makes dynamo
         # give up on the forward of transformers models (eager frame by frame: 6 compiled frames, not 1).
+        # Inductor's CPU code checks isnan one element at a time (nansum over [4096, 64] took 0.4 ms), so NaN
+        # entries are dropped by `x == x`, which it vectorises; the sums are nansum's.
         if logits is not None and out.probs_TE is None:
-            logits = logits.detach().reshape(-1, e).float()
+            if logits.dim() != 2:
+                logits = logits.reshape(-1, e)
+            logits = logits.detach().float()
             if out.score_func == "sigmoid":
                 scores = torch.sigmoid(logits)
-                prob_sum_E = torch.nansum(scores / scores.sum(dim=-1, keepdim=True), dim=0)
+                probs = scores / scores.sum(dim=-1, keepdim=True)
+                lse_T = torch.logsumexp(logits, dim=-1)
             else:
-                prob_sum_E = torch.nansum(torch.softmax(logits, dim=-1), dim=0)
-            lse_T = torch.logsumexp(logits, dim=-1)
+                # The eager form (see _sample_eager): logsumexp = max(logit) - log(max p), no second exp
+                # pass; NaN, never +-inf, exactly when a row holds NaN/+inf or is all -inf.
+                probs = torch.softmax(logits, dim=-1)
+                lse_T = torch.amax(logits, dim=-1) - torch.amax(probs, dim=-1).log()
             finite_T = torch.isfinite(lse_T)
             lse_T = torch.where(finite_T, lse_T, 0.0)
-            stats_S[self.col_z].add_(torch.where(take, torch.dot(lse_T, lse_T).double(), 0.0))
-            finite, rows = finite_T.sum(), logits.shape[0]
+            z, finite = torch.dot(lse_T, lse_T), finite_T.sum()
         elif out.probs_TE is not None:
             probs = out.probs_TE.detach().reshape(-1, e).float()
-            prob_sum_E, finite, rows = torch.nansum(probs, dim=0), torch.isfinite(probs).all(dim=-1).sum(), probs.shape[0]
+            z, finite = torch.zeros((), device=device), torch.isfinite(probs).all(dim=-1).sum()
         else:
+            traced_C.add_(self._traced_counters(tokens, torch.zeros((), dtype=torch.float64, device=device)))
             return
-        stats_S[:e].add_(torch.where(take, prob_sum_E.double(), 0.0))
-        stats_S[self.col_finite].add_(torch.where(take, finite.double(), 0.0))
-        traced_C[1].add_(take.double() * rows)
+        rows = probs.shape[0]
+        prob_sum_E = torch.where(probs == probs, probs, 0.0).sum(dim=0)
+        # One update of the statistics row (probability sums, z-loss, finite rows at their columns) and one of
+        # the traced counters, each a single fused kernel: fewer buffers for the compiled graph to allocate.
+        parts = [prob_sum_E, z.view(1), finite.view(1).float()]
+        if e < self.e_max:
+            parts.insert(1, prob_sum_E.new_zeros(self.e_max - e))
+        update_S = torch.cat(parts).double()
+        stats_S[: self.e_max + 2].add_(torch.where(take, update_S, 0.0))
+        traced_C.add_(self._traced_counters(tokens, take.double() * rows))
+
+    @staticmethod
+    def _traced_counters(tokens: int, sampled_rows: torch.Tensor) -> torch.Tensor:
+        """A traced call's increment of its counters ``[tokens, probability tokens, calls]``, made by ops from a
+        device tensor (a ``torch.tensor`` constant cannot be traced for the meta device)."""
+        one = torch.ones_like(sampled_rows)
+        return torch.stack([one * tokens, sampled_rows, one])
 
     def pack(self) -> torch.Tensor | None:
         """Everything of the window in one float64 tensor ``[L, packed_width]`` on the first device
