@@ -274,6 +274,9 @@ DEFAULTS = {"demo": (100, 30, 100, 50, 24), "qwen3moe": (10, 30, 10, 20, 24), "m
 #: Per-model rounds of the in-graph measurement (each round: the in-hook steps' count of compiled forwards with
 #: moewatch's graph and as many with the plain one).
 GRAPH_ROUNDS = {"demo": 40, "qwen3moe": 40, "moe64": 8}
+#: Rounds of the router-level in-graph measurement, and calls of every router each way per round.
+ROUTER_ROUNDS = 40
+ROUTER_CALLS = {"demo": 100, "qwen3moe": 50, "moe64": 10}
 
 
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
@@ -393,6 +396,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
                                                     args.graph_rounds or GRAPH_ROUNDS[name],
                                                     clock, k, w.tokens_per_step)
         compile_info["graphs_compiled_in_graph_rounds"] = _compile_stats()[0] - g0
+        compile_info["router_graphs"] = _router_graph_rounds(w, suspended, args.compile_backend,
+                                                             args.hook_steps or ROUTER_CALLS[name],
+                                                             args.graph_rounds or ROUTER_ROUNDS,
+                                                             clock, k)
         suspended.close()
         torch._dynamo.config.skip_nnmodule_hook_guards = True
 
@@ -423,13 +430,14 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     hook["window_end_ms"] = _window_end_ms(w, attach, window_end_steps, counter[0])
     if args.compile:
         # The compiled variant's cost per step, from parts each timed below the blocks' noise: the traced
-        # hooks in the forward, the post-hook of every step, and a window end per DEFAULT_WINDOW steps.
-        g = compile_info["in_graph"]
-        g["step_hook_us"] = step_hook_us
-        per_step_us = g["us_per_forward"] + g["step_hook_us"] + hook["window_end_ms"] * 1e3 / DEFAULT_WINDOW
+        # hooks in the forward (router-level graphs; the whole forward as a cross-check), the post-hook of
+        # every step, and a window end per DEFAULT_WINDOW steps.
+        compile_info["in_graph"]["step_hook_us"] = step_hook_us
+        host_us = step_hook_us + hook["window_end_ms"] * 1e3 / DEFAULT_WINDOW
         compiled_us = step_ms["compiled"] * 1e3
-        g["modeled_ratio"] = 1 + per_step_us / compiled_us
-        g["modeled_ratio_ci"] = [1 + (g["ci"][j] + per_step_us - g["us_per_forward"]) / compiled_us for j in (0, 1)]
+        for g in (compile_info["in_graph"], compile_info["router_graphs"]):
+            g["modeled_ratio"] = 1 + (g["us_per_forward"] + host_us) / compiled_us
+            g["modeled_ratio_ci"] = [1 + (g["ci"][j] + host_us) / compiled_us for j in (0, 1)]
     # moewatch's defaults: a window of DEFAULT_WINDOW steps samples ceil(calls / probs_every) of its calls.
     calls = DEFAULT_WINDOW * hook["calls_per_router_step"]
     share = math.ceil(calls / probs_every) / calls
@@ -520,6 +528,85 @@ def _in_graph_rounds(
     return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_forward_us": statistics.median(plain),
             "rounds": rounds, "calls_per_round": n, "expected_tokens": rounds * n * tokens_per_forward,
             "counted_tokens": [layer.tokens for layer in report.layers] if report is not None else []}
+
+
+def _router_graph_rounds(
+    w: Workload, suspended: SuspendableMonitor, backend: str, n: int, rounds: int, clock: Clock, k: int,
+) -> dict[str, Any]:
+    """moewatch's in-graph cost per router call, resolved where the whole forward is too noisy (moe64's
+    1.3 s forward varies by more than moewatch's 1 ms in it): each router module of the model, called on the
+    inputs it saw in one forward, compiled alone (the same compiled function with moewatch's hooks and without:
+    dynamo guards on the hook dicts here, see SuspendableMonitor), ``n`` calls of every router each way,
+    alternating in ``rounds`` rounds. The tokens moewatch counted per router are returned with the count
+    expected if its graph ran in exactly its halves (and the warm-up), for models whose routers run once per
+    forward. Returns the median paired difference per forward (every router's calls
+    of one forward) with a bootstrap 95% CI, and the plain routers' time per forward. The guards of each
+    router's hooks are evaluated once per router call here, as in the model's graph; only the graph-wide
+    check that hooks sharing state still share it is not in it (a few µs per forward)."""
+    watch = suspended.watch
+    calls: list[tuple[torch.nn.Module, tuple[Any, ...], dict[str, Any]]] = []
+
+    def detached(x: Any) -> Any:
+        return x.detach().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+
+    def capture(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        calls.append((module, tuple(map(detached, args)), {key: detached(v) for key, v in kwargs.items()}))
+
+    modules = list(dict.fromkeys(spec.hook_module for spec in watch._specs))
+    handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in modules]
+    try:
+        w.make_forward(w.model)(0)  # eager, moewatch suspended: the routers' inputs of one forward
+    finally:
+        for h in handles:
+            h.remove()
+
+    def call(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return module(*args, **kwargs)
+
+    # One compiled function; each router module and each hook state is its own cache entry.
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(calls) + 8)
+    with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(limit, 256)):
+        compiled = torch.compile(call, backend=backend)
+
+        def timed(with_moewatch: bool) -> float:
+            (suspended.resume if with_moewatch else suspended.suspend)()
+            c0 = clock.now()[k]
+            for _ in range(n):
+                for module, args, kwargs in calls:
+                    compiled(module, args, kwargs)
+            t = (clock.now()[k] - c0) / n
+            if with_moewatch:
+                suspended.suspend()
+            return t
+
+        suspended.resume()
+        watch.flush()  # whatever an earlier block left: what the rounds count starts from zero
+        suspended.suspend()
+        timed(True), timed(False)  # compiles both
+        g0 = _compile_stats()[0]
+        diffs, plain = [], []
+        gc.collect()
+        gc.disable()
+        try:
+            for r in range(rounds):
+                first = r % 2 == 0
+                a = timed(first)
+                b = timed(not first)
+                mw, pl = (a, b) if first else (b, a)
+                diffs.append((mw - pl) * 1e6)
+                plain.append(pl * 1e6)
+        finally:
+            gc.enable()
+        graphs = _compile_stats()[0] - g0
+    suspended.resume()
+    report = watch.flush()  # what the router calls counted is not a training window
+    suspended.suspend()
+    lo, hi = _bootstrap_median_ci(diffs)
+    return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_routers_us": statistics.median(plain),
+            "router_calls_per_forward": len(calls), "rounds": rounds, "calls_per_round": n,
+            "graphs_compiled_in_rounds": graphs,
+            "counted_tokens": [layer.tokens for layer in report.layers] if report is not None else [],
+            "expected_tokens": (rounds + 1) * n * w.tokens_per_step}
 
 
 def _paired_hook_times(
@@ -761,6 +848,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"forward {g['plain_forward_us']:.0f} us); post-hook {g['step_hook_us']:.1f} us/step; with a window "
                   f"end per {DEFAULT_WINDOW} steps: compiled+moewatch / compiled {g['modeled_ratio']:.4f} "
                   f"({g['modeled_ratio_ci'][0]:.4f}-{g['modeled_ratio_ci'][1]:.4f})")
+            rg = c["router_graphs"]
+            print(f"   compiled, router-level graphs ({rg['rounds']} rounds x {rg['calls_per_round']} calls of each of "
+                  f"{rg['router_calls_per_forward']} router calls per forward, each way): moewatch adds "
+                  f"{rg['us_per_forward']:.1f} us per forward (95% CI {rg['ci'][0]:.1f} to {rg['ci'][1]:.1f}; plain "
+                  f"routers {rg['plain_routers_us']:.0f} us); compiled+moewatch / compiled {rg['modeled_ratio']:.4f} "
+                  f"({rg['modeled_ratio_ci'][0]:.4f}-{rg['modeled_ratio_ci'][1]:.4f}); graphs compiled in its "
+                  f"rounds: {rg['graphs_compiled_in_rounds']}")
         print(f"   router hooks, us/step (medians of {x['hook_rounds']} rounds x {x['hook_steps']} steps, on the same calls "
               f"as the floor's, window ends apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
               f"{x['count_hook_us_per_step']:.1f} ({x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x "
@@ -795,17 +889,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every {r.probs_every}) | {mem} |")
     if args.compile:
         print("\n| model | compiled ms/step (eager plain) | compiled+moewatch / compiled, median [IQR] (95% CI) | "
-              "fastest 10% | in the graph, us/forward (95% CI) | from its parts at window 100 (95% CI) | "
-              "graph breaks: compiled / +moewatch | graphs compiled in timed blocks |")
-        print("|---|---|---|---|---|---|---|---|")
+              "fastest 10% | whole forward in the graph, us (95% CI) | router graphs, us/forward (95% CI) | "
+              "from its parts at window 100 (95% CI) | graph breaks: compiled / +moewatch | "
+              "graphs compiled in timed blocks |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in results:
             c, ci = r.ratio["compiled+moewatch/compiled"], r.extra["compile"]
+            rg = ci["router_graphs"]
             print(f"| {r.model} | {r.step_ms['compiled']:.2f} ({r.step_ms['plain']:.2f}) | {c.median:.4f} "
                   f"[{c.q1:.4f}-{c.q3:.4f}] ({c.ci_lo:.4f}-{c.ci_hi:.4f}) | "
                   f"{r.fast_ratio['compiled+moewatch/compiled']:.4f} | {ci['in_graph']['us_per_forward']:.1f} "
                   f"({ci['in_graph']['ci'][0]:.1f} to {ci['in_graph']['ci'][1]:.1f}) | "
-                  f"{ci['in_graph']['modeled_ratio']:.4f} ({ci['in_graph']['modeled_ratio_ci'][0]:.4f}-"
-                  f"{ci['in_graph']['modeled_ratio_ci'][1]:.4f}) | {ci['compiled']['graph_breaks']} / "
+                  f"{rg['us_per_forward']:.1f} ({rg['ci'][0]:.1f} to {rg['ci'][1]:.1f}) | "
+                  f"{rg['modeled_ratio']:.4f} ({rg['modeled_ratio_ci'][0]:.4f}-"
+                  f"{rg['modeled_ratio_ci'][1]:.4f}) | {ci['compiled']['graph_breaks']} / "
                   f"{ci['compiled+moewatch']['graph_breaks']} | {ci['graphs_compiled_in_timed_blocks']} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -61,6 +61,12 @@ def test_overhead_runs_tiny(tmp_path: Path) -> None:
         assert g["counted_tokens"] == [g["expected_tokens"]] * 2
         assert g["ci"][0] <= g["us_per_forward"] <= g["ci"][1] and g["step_hook_us"] > 0
         assert g["modeled_ratio_ci"][0] <= g["modeled_ratio"] <= g["modeled_ratio_ci"][1]
+        # The router-level rounds: every router's graph compiled once each way, then only run.
+        rg = c["router_graphs"]
+        assert rg["graphs_compiled_in_rounds"] == 0 and rg["rounds"] == 6 and rg["calls_per_round"] == 2
+        assert rg["router_calls_per_forward"] == 2 and rg["counted_tokens"] == [rg["expected_tokens"]] * 2
+        assert rg["ci"][0] <= rg["us_per_forward"] <= rg["ci"][1] and rg["plain_routers_us"] > 0
+        assert rg["modeled_ratio_ci"][0] <= rg["modeled_ratio"] <= rg["modeled_ratio_ci"][1]
 
 
 def test_scale_runs_tiny() -> None:
