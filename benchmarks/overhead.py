@@ -486,6 +486,26 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     )
 
 
+def _alternating(timed: Callable[[bool], float], rounds: int) -> tuple[list[float], list[float]]:
+    """``rounds`` rounds of ``timed(True)`` (moewatch) and ``timed(False)`` (plain), the order swapped every
+    round, garbage collection off: the paired differences and the plain times, in µs."""
+    diffs: list[float] = []
+    plain: list[float] = []
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            first = r % 2 == 0
+            a = timed(first)
+            b = timed(not first)
+            mw, pl = (a, b) if first else (b, a)
+            diffs.append((mw - pl) * 1e6)
+            plain.append(pl * 1e6)
+    finally:
+        gc.enable()
+    return diffs, plain
+
+
 def _in_graph_rounds(
     forward: Callable[[int], torch.Tensor], suspended: SuspendableMonitor, n: int, rounds: int, clock: Clock, k: int,
     tokens_per_forward: int,
@@ -501,8 +521,6 @@ def _in_graph_rounds(
     suspended.resume()
     watch.flush()  # whatever an earlier block left: the rounds' counts start from zero
     suspended.suspend()
-    diffs: list[float] = []
-    plain: list[float] = []
 
     def timed(with_moewatch: bool) -> float:
         (suspended.resume if with_moewatch else suspended.suspend)()
@@ -514,18 +532,7 @@ def _in_graph_rounds(
             suspended.suspend()
         return t
 
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            first = r % 2 == 0
-            a = timed(first)
-            b = timed(not first)
-            mw, pl = (a, b) if first else (b, a)
-            diffs.append((mw - pl) * 1e6)
-            plain.append(pl * 1e6)
-    finally:
-        gc.enable()
+    diffs, plain = _alternating(timed, rounds)
     lo, hi = _bootstrap_median_ci(diffs)
     report = watch.flush()
     return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_forward_us": statistics.median(plain),
@@ -587,19 +594,7 @@ def _router_graph_rounds(
         suspended.suspend()
         timed(True), timed(False)  # compiles both
         g0 = _compile_stats()[0]
-        diffs, plain = [], []
-        gc.collect()
-        gc.disable()
-        try:
-            for r in range(rounds):
-                first = r % 2 == 0
-                a = timed(first)
-                b = timed(not first)
-                mw, pl = (a, b) if first else (b, a)
-                diffs.append((mw - pl) * 1e6)
-                plain.append(pl * 1e6)
-        finally:
-            gc.enable()
+        diffs, plain = _alternating(timed, rounds)
         graphs = _compile_stats()[0] - g0
     suspended.resume()
     report = watch.flush()  # what the router calls counted is not a training window
