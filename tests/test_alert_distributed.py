@@ -38,6 +38,9 @@ def _worker(rank: int, world: int, port: int, url: str, out_dir: str) -> None:
         watch.close()
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump({"alert_sink": has_sink, "state": state}, fh)
+        # Neither rank tears gloo down while the other still talks to it (a SIGABRT, "terminate called
+        # without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -49,6 +49,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         }
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
             json.dump(result, fh)
+        # Neither rank tears gloo down while the other still talks to it (a SIGABRT, "terminate called
+        # without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
