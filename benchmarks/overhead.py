@@ -544,7 +544,7 @@ def _router_graph_rounds(
     w: Workload, suspended: SuspendableMonitor, backend: str, n: int, rounds: int, clock: Clock, k: int,
 ) -> dict[str, Any]:
     """moewatch's in-graph cost per router call, resolved where the whole forward is too noisy (moe64's
-    1.3 s forward varies by more than moewatch's 1 ms in it): each router module of the model, called on the
+    forward of over a second varies by more than moewatch's 2 ms in it): each router module of the model, called on the
     inputs it saw in one forward, compiled alone (the same compiled function with moewatch's hooks and without:
     dynamo guards on the hook dicts here, see SuspendableMonitor), ``n`` calls of every router each way,
     alternating in ``rounds`` rounds. The tokens moewatch counted per router are returned with the count
