@@ -259,6 +259,14 @@ class SuspendableMonitor:
         self._stash.clear()
         _ATTACHED[self.model] = self.watch
 
+    def flush(self) -> Any:
+        """Close the window with the hooks back for the moment (what the suspended monitor counted so far),
+        and return its report."""
+        self.resume()
+        report = self.watch.flush()
+        self.suspend()
+        return report
+
     def close(self) -> None:
         self.resume()
         self.watch.close()
@@ -366,9 +374,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
             compile_info[v] = {"graphs": g1 - g0, "graph_breaks": b1 - b0, "warmup_s": time.perf_counter() - t0}
             if v == "compiled+moewatch":
                 assert suspended is not None
-                suspended.resume()
-                suspended.watch.flush()  # the timed blocks start at a window start, as the eager variant's
-                suspended.suspend()
+                suspended.flush()  # the timed blocks start at a window start, as the eager variant's
         else:
             run_block(v, warmup)
     graphs_before = _compile_stats()[0] if args.compile else 0
@@ -518,9 +524,7 @@ def _in_graph_rounds(
     moewatch counted per router over the rounds (``rounds * n * tokens_per_forward`` when its graph ran in
     exactly its halves)."""
     watch = suspended.watch
-    suspended.resume()
-    watch.flush()  # whatever an earlier block left: the rounds' counts start from zero
-    suspended.suspend()
+    suspended.flush()  # whatever an earlier block left: the rounds' counts start from zero
 
     def timed(with_moewatch: bool) -> float:
         (suspended.resume if with_moewatch else suspended.suspend)()
@@ -589,16 +593,12 @@ def _router_graph_rounds(
                 suspended.suspend()
             return t
 
-        suspended.resume()
-        watch.flush()  # whatever an earlier block left: what the rounds count starts from zero
-        suspended.suspend()
+        suspended.flush()  # whatever an earlier block left: what the rounds count starts from zero
         timed(True), timed(False)  # compiles both
         g0 = _compile_stats()[0]
         diffs, plain = _alternating(timed, rounds)
         graphs = _compile_stats()[0] - g0
-    suspended.resume()
-    report = watch.flush()  # what the router calls counted is not a training window
-    suspended.suspend()
+    report = suspended.flush()  # what the router calls counted is not a training window
     lo, hi = _bootstrap_median_ci(diffs)
     return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_routers_us": statistics.median(plain),
             "router_calls_per_forward": len(calls), "rounds": rounds, "calls_per_round": n,
