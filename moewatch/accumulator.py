@@ -48,7 +48,8 @@ class _Buffers:
 
     __slots__ = ("counts_LE2", "stats_LS", "traced_LC", "one", "count_rows", "expert_counts",
                  "edges", "layer_edges",
-                 "prob_rows", "z_cells", "finite_cells", "zf_cells", "dropped_cells", "zf_mask_21", "zf_base_21")
+                 "prob_rows", "z_cells", "finite_cells", "zf_cells", "dropped_cells", "zf_mask_21", "zf_base_21",
+                 "stats_heads", "work")
 
     def __init__(self, num_experts: list[int], e_max: int, device: torch.device) -> None:
         n_layers = len(num_experts)
@@ -71,6 +72,10 @@ class _Buffers:
         # [[lse^2], [1]] per token from lse in two ops: base + (lse * mask) * lse; NaN rows stay NaN in both.
         self.zf_mask_21 = torch.tensor([[1.0], [0.0]], device=device)
         self.zf_base_21 = torch.tensor([[0.0], [1.0]], device=device)
+        self.stats_heads = list(self.stats_LS[:, : e_max + 2].unbind(0))  # probability sums, z-loss, finite rows
+        # CPU only: the last sampled call's workspace per expert count, (tokens, W, probability rows, z row,
+        # finite row); see Accumulator._sample_cpu_small.
+        self.work: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def zero_(self) -> None:
         self.counts_LE2.zero_()
@@ -85,13 +90,15 @@ class Accumulator:
     ``_CLAMP_FROM`` ids on, 3: add, clamp_, index_add_, much cheaper there than bucketize). A call that also
     carries the probability statistics (softmax logits, the common case) costs 11 more, no composites: 3 for
     the probability sums (softmax, nansum, add_), 4 for logsumexp (amax, amax, log_, sub) and 4 for the
-    z-loss and finite rows together (mul, addcmul, nansum, add_; see
-    ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
+    z-loss and finite rows together (mul, addcmul, nansum, add_); on the CPU with fewer than 16 experts, where
+    dispatch costs more than arithmetic, 9 into a kept workspace (softmax, amax, amax, log, ceil_, sub_,
+    square_, nansum, add_; see ``tests/test_no_sync.py::test_kernels_per_router_call``)."""
 
     def __init__(self, num_experts: list[int], probs_every: int = 1) -> None:
         self.num_experts = list(num_experts)
         self.probs_every = probs_every
-        self._calls_L = [0] * len(num_experts)
+        # Calls of each router until its next sampled one (0: the next call samples; every window's first does).
+        self._until_sample_L = [0] * len(num_experts)
         self.n_layers = len(num_experts)
         self.e_max = max(num_experts)
         self.col_z, self.col_finite, self.col_dropped = self.e_max, self.e_max + 1, self.e_max + 2
@@ -121,10 +128,13 @@ class Accumulator:
         return 2 * self.e_max + 8
 
     def state_bytes(self) -> int:
-        """Bytes of device memory the buffers hold (constant: O(layers x experts), nothing per token)."""
+        """Bytes of device memory the buffers hold: O(layers x experts), plus on the CPU, where routers with
+        fewer than 16 experts keep one sampled call's workspace ((Emax + 2) x tokens float32), one call's worth."""
         total = 0
         for b in self._bufs.values():
-            for t in (b.counts_LE2, b.stats_LS, b.traced_LC, b.one, b.zf_mask_21, b.zf_base_21, *b.edges.values()):
+            work = [w[1] for w in b.work.values()]
+            for t in (b.counts_LE2, b.stats_LS, b.traced_LC, b.one, b.zf_mask_21, b.zf_base_21, *b.edges.values(),
+                      *work):
                 total += t.numel() * t.element_size()
         return total
 
@@ -153,7 +163,7 @@ class Accumulator:
         constants (edges, count row, the last device's buffers, the ``index_add_`` source of the last call's
         size) are bound once instead of looked up per call. Must run with gradients disabled."""
         e, probs_every = self.num_experts[layer], self.probs_every
-        tokens_L, calls_L = self.tokens_L, self._calls_L
+        tokens_L, until_sample_L = self.tokens_L, self._until_sample_L
         general, sample = self._count_other, self._sample_eager
         # The last device's buffers and what the count reads from them; rebound when the device changes.
         device: torch.device | None = None
@@ -172,14 +182,14 @@ class Accumulator:
                     clamp_from = _CLAMP_FROM if device.type == "cpu" else 1 << 62
                 n = idx.numel()
                 tokens_L[layer] += n // top_k
-                dtype = idx.dtype
-                if dtype is not _INT64 and dtype is not _INT32:
-                    idx = idx.long()
-                if n < clamp_from:
+                if n < clamp_from:  # bucketize takes ids of any integer dtype and returns int64 columns
                     cols_N = torch.bucketize(idx, edges, right=True).view(-1)
                 else:
                     # The same columns. CPU bucketize costs 15-30 ns per id from a few thousand ids on (1 ms
                     # for 32k ids); add + clamp_ cost well under 1 ns per id.
+                    dtype = idx.dtype
+                    if dtype is not _INT64 and dtype is not _INT32:
+                        idx = idx.long()  # id + 1 must not wrap around in a narrow dtype
                     cols_N = torch.add(idx, 1).clamp_(0, e + 1).view(-1)
                 if ones_n != n:
                     ones_N, ones_n = bufs.one.expand(n), n  # type: ignore[union-attr]
@@ -189,11 +199,12 @@ class Accumulator:
                 out_bufs = general(layer, out, e)
             if out.dropped is not None:
                 out_bufs.dropped_cells[layer].add_(out.dropped)  # type: ignore[union-attr]
-            if probs_every > 1:  # probabilities on calls 0, N, 2N, ... of the window; counts above are exact
-                calls = calls_L[layer]
-                calls_L[layer] = calls + 1
-                if calls % probs_every:
-                    return
+            # Probabilities on calls 0, N, 2N, ... of the window; the counts above are exact.
+            left = until_sample_L[layer]
+            if left:
+                until_sample_L[layer] = left - 1
+                return
+            until_sample_L[layer] = probs_every - 1
             sample(layer, out, out_bufs, e)  # type: ignore[arg-type]
 
         return update
@@ -234,16 +245,14 @@ class Accumulator:
                 bufs.finite_cells[layer].add_(finite_T.sum())
                 lse_T = torch.where(finite_T, lse_T, 0.0)
                 bufs.z_cells[layer].add_(torch.dot(lse_T, lse_T))
+            elif e < 16 and logits.device.type == "cpu":
+                self._sample_cpu_small(layer, logits, bufs, e)
             else:
-                # CPU softmax kernels are several times slower over a last dim narrower than one vector
-                # register (E < 16) than over the token dim of the transposed view; the math is the same.
-                ed, td = (0, 1) if e < 16 and logits.device.type == "cpu" else (1, 0)
-                x = logits.t() if ed == 0 else logits
-                probs = torch.softmax(x, dim=ed)  # the only [T, E] temporary of the call
+                probs = torch.softmax(logits, dim=1)  # the only [T, E] temporary of the call
                 # logsumexp = max(logit) - log(max p) (same expert; max p >= 1/E): three cheap ops instead of
                 # logsumexp's five kernels. NaN, never +-inf, exactly when a row holds NaN/+inf or is all -inf.
-                lse_T = torch.amax(x, dim=ed) - torch.amax(probs, dim=ed).log_()
-                bufs.prob_rows[layer].add_(torch.nansum(probs, dim=td))  # non-finite rows add nothing
+                lse_T = torch.amax(logits, dim=1) - torch.amax(probs, dim=1).log_()
+                bufs.prob_rows[layer].add_(torch.nansum(probs, dim=0))  # non-finite rows add nothing
                 # (sum of lse^2, finite rows) in one reduction of [[lse^2], [1]]: NaN rows are skipped by both.
                 zf_2T = torch.addcmul(bufs.zf_base_21, lse_T * bufs.zf_mask_21, lse_T)
                 bufs.zf_cells[layer].add_(torch.nansum(zf_2T, dim=1))
@@ -252,6 +261,31 @@ class Accumulator:
             bufs.prob_rows[layer].add_(torch.nansum(probs, dim=0))
             self.prob_tokens_L[layer] += probs.shape[0]
             bufs.finite_cells[layer].add_(torch.isfinite(probs).all(dim=-1).sum())
+
+    def _sample_cpu_small(self, layer: int, logits_TE: torch.Tensor, bufs: _Buffers, e: int) -> None:
+        """``_sample_eager``'s softmax statistics for a CPU router with fewer than 16 experts, where every op
+        costs its dispatch more than its arithmetic: 9 kernels (and a transposed view) into a workspace ``W`` ``[Emax + 2, T]`` that is kept
+        for the next call of the same size, whose rows are the statistics row's columns (probabilities, zeros
+        up to ``Emax``, lse^2, finite-row indicator), so one ``nansum`` over tokens and one ``add_`` update them
+        all. CPU softmax is also several times slower over a last dim narrower than one vector register than over
+        the token dim of the transposed view. Workspace reuse is safe here because CPU ops run in program order;
+        on a GPU the caching allocator's stream-aware temporaries are used instead (the general path)."""
+        t = logits_TE.shape[0]
+        work = bufs.work.get(e)
+        if work is None or work[0] != t:
+            w = torch.zeros(self.e_max + 2, t, device=logits_TE.device)  # rows e..Emax-1 stay zero
+            work = bufs.work[e] = (t, w, w[:e], w[self.e_max], w[self.e_max + 1])
+        _, w, probs_ET, z_T, finite_T = work
+        x_ET = logits_TE.t()
+        torch.softmax(x_ET, 0, out=probs_ET)
+        # logsumexp = max(logit) - log(max p), as in the general path; max p lies in [1/E, 1], so its ceil is 1,
+        # and NaN exactly when the row is non-finite: the finite-row indicator.
+        torch.amax(x_ET, 0, out=z_T)
+        torch.amax(probs_ET, 0, out=finite_T)
+        log_max_p_T = torch.log(finite_T)
+        finite_T.ceil_()
+        z_T.sub_(log_max_p_T).square_()  # lse^2, NaN on non-finite rows
+        bufs.stats_heads[layer].add_(torch.nansum(w, dim=1))  # NaN rows add nothing to any column
 
     def _update_traced(self, layer: int, out: RouterOutput, top_k: int) -> None:
         """``update`` as torch.compile traces it: the same statistics, with no Python state that changes per
@@ -360,7 +394,7 @@ class Accumulator:
         for i in range(self.n_layers):
             self.tokens_L[i] = 0
             self.prob_tokens_L[i] = 0
-            self._calls_L[i] = 0  # every window samples the probability statistics from its first call
+            self._until_sample_L[i] = 0  # every window samples the probability statistics from its first call
         self.traced_calls = False
         return tokens, prob_tokens
 

@@ -372,7 +372,7 @@ class Monitor:
         count = acc.updater(i, top_k)  # the eager update, bound to this router
         disabled = self._disabled
         set_grad_enabled, in_graph_task = torch._C._set_grad_enabled, torch._C._current_graph_task_id
-        is_compiling = torch.compiler.is_compiling
+        is_compiling, is_grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if is_compiling():
@@ -387,7 +387,7 @@ class Monitor:
             # in_graph_task() != -1: activation checkpointing re-running this forward inside backward.
             if not (module.training or count_eval) or disabled[i] or in_graph_task() != -1:
                 return
-            grad_was_enabled = torch.is_grad_enabled()
+            grad_was_enabled = is_grad_enabled()
             try:
                 set_grad_enabled(False)  # torch.no_grad() without its context-manager overhead
                 count(extract(module, args, output))

@@ -112,3 +112,28 @@ def test_counts_and_statistics_equal_the_definitions(t: int, e: int, compiled: b
         np.testing.assert_allclose(got[:width], want_stats[:width], rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(got[width], want_stats[width], rtol=1e-5)
         assert not counts.stats_LS[layer, width:e_max].any()  # nothing written between the two
+
+
+def test_the_cpu_workspace_is_reused_across_calls_and_routers_without_mixing_them() -> None:
+    """Routers with fewer than 16 experts on the CPU share one kept workspace per width: calls of the same size
+    reuse it, another size replaces it, and each router's statistics are still its own calls' sums, with a
+    narrower router's in-between columns untouched."""
+    widths = [6, 6, 9]
+    acc = Accumulator(widths)
+    g = torch.Generator().manual_seed(3)
+    calls = [(0, 32), (1, 32), (0, 32), (0, 17), (2, 32), (1, 32)]
+    seen: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+    with torch.no_grad():
+        for layer, t in calls:
+            logits = torch.randn(t, widths[layer], generator=g) * 3
+            logits[0, 0] = float("nan")
+            acc.update(layer, RouterOutput(indices_TK=torch.zeros(t, 2, dtype=torch.long), logits_TE=logits), 2)
+            seen[layer].append(logits)
+    assert acc.state_bytes() > 0 and set(acc._bufs[torch.device("cpu")].work) == {6, 9}
+    counts = _window(acc)
+    for layer, width in enumerate(widths):
+        _, want = _reference(torch.zeros(1, 2, dtype=torch.long), torch.cat(seen[layer]), width)
+        got = np.concatenate([counts.stats_LS[layer, :width], counts.stats_LS[layer, 9:11]])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+        assert not counts.stats_LS[layer, width:9].any()
+        assert counts.prob_tokens_L[layer] == sum(t for la, t in calls if la == layer)
