@@ -290,6 +290,63 @@ ROUTER_ROUNDS = 40
 ROUTER_CALLS = {"demo": 100, "qwen3moe": 50, "moe64": 10}
 
 
+#: Per-model processes of the in-hook measurement. One process's figure moves by a few % with where its code
+#: and buffers landed in memory (the same code differs by up to 0.1x the floor from one process to the next),
+#: so it is the median over fresh processes; moe64's calls are kernel-bound, one process is enough.
+HOOK_PROCESSES = {"demo": 5, "qwen3moe": 3, "moe64": 1}
+
+
+def _attacher(w: Workload, name: str, window_steps: int, args: argparse.Namespace,
+              device: torch.device) -> Callable[..., moewatch.Monitor]:
+    def attach(window: int = window_steps, probs_every: int | None = args.probs_every) -> moewatch.Monitor:
+        # strict on CUDA: a sync-debug error inside a hook must stop the run, not disable the router.
+        return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window,
+                               run_name=f"bench-{name}", strict=device.type == "cuda",
+                               **({} if probs_every is None else {"probs_every": probs_every}), **SINKS_OFF)
+
+    return attach
+
+
+def _hook_specs(w: Workload, attach: Callable[..., moewatch.Monitor]) -> tuple[list[Any], int, int]:
+    """The routers whose hooks the in-hook measurement times (indices-based ones), moewatch's probs_every and
+    its buffers' bytes, from a monitor attached for one step."""
+    watch = attach()
+    w.step(0)
+    specs = [s for s in watch._specs if s.family not in ("megatron", "deepspeed")]
+    probs_every, state = watch.config.probs_every, watch._acc.state_bytes()
+    watch.close()
+    return specs, probs_every, state
+
+
+def _hook_only(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """``--hook-only``: the in-hook measurement alone, in this (fresh) process, after the model's warm-up."""
+    window_steps, _, warmup, hook_steps, _ = DEFAULTS[name]
+    w = build_workload(name, device, seed=args.seed, scale=args.scale)
+    attach = _attacher(w, name, args.window_steps or window_steps, args, device)
+    warmup = args.warmup if args.warmup is not None else warmup
+    for i in range(warmup):
+        w.step(i)
+    specs, _, _ = _hook_specs(w, attach)
+    return _in_hook_rounds(w, specs, attach, args.hook_steps or hook_steps, warmup + 1, rounds=args.hook_rounds)
+
+
+def _hook_in_fresh_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "hook.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--hook-only", "--models", name, "--json", out,
+               "--device", args.device, "--threads", str(args.threads), "--seed", str(args.seed),
+               "--scale", str(args.scale), "--hook-steps", str(args.hook_steps),
+               "--hook-rounds", str(args.hook_rounds), "--window-steps", str(args.window_steps)]
+        cmd += [] if args.warmup is None else ["--warmup", str(args.warmup)]
+        cmd += [] if args.probs_every is None else ["--probs-every", str(args.probs_every)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            return json.load(f)
+
+
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
     window_steps, blocks, warmup, hook_steps, window_end_steps = DEFAULTS[name]
     window_steps = args.window_steps or window_steps
@@ -306,11 +363,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     armed = [False]
     variants = VARIANTS + (COMPILED if args.compile else ())
 
-    def attach(window: int = window_steps, probs_every: int | None = args.probs_every) -> moewatch.Monitor:
-        # strict on CUDA: a sync-debug error inside a hook must stop the run, not disable the router.
-        return moewatch.attach(w.model, optimizer=w.optimizer, window_steps=window,
-                               run_name=f"bench-{name}", strict=device.type == "cuda",
-                               **({} if probs_every is None else {"probs_every": probs_every}), **SINKS_OFF)
+    attach = _attacher(w, name, window_steps, args, device)
 
     compiled_step: Callable[[int], None] | None = None
     compiled_forward: Callable[[int], torch.Tensor] | None = None
@@ -427,15 +480,15 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         naive = NaiveMonitor(w.model)
         peaks["naive"] = _peak_extra_bytes(lambda: w.step(0), device)
         naive.close()
-    watch = attach()
-    w.step(0)
     if peaks:
+        watch = attach()
+        w.step(0)
         peaks["moewatch"] = _peak_extra_bytes(lambda: w.step(0), device)
-    specs = [s for s in watch._specs if s.family not in ("megatron", "deepspeed")]  # indices-based routers
-    probs_every = watch.config.probs_every
-    state = watch._acc.state_bytes()
-    watch.close()
+        watch.close()
+    specs, probs_every, state = _hook_specs(w, attach)
     hook = _in_hook_rounds(w, specs, attach, hook_steps, counter[0], rounds=args.hook_rounds)
+    n_procs = args.hook_processes or HOOK_PROCESSES[name]
+    per_process = [dict(hook)] + [_hook_in_fresh_process(name, args) for _ in range(n_procs - 1)]
     hook["window_end_ms"] = _window_end_ms(w, attach, window_end_steps, counter[0])
     if args.compile:
         # The compiled variant's cost per step, from parts each timed below the blocks' noise: the traced
@@ -450,7 +503,13 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     # moewatch's defaults: a window of DEFAULT_WINDOW steps samples ceil(calls / probs_every) of its calls.
     calls = DEFAULT_WINDOW * hook["calls_per_router_step"]
     share = math.ceil(calls / probs_every) / calls
-    hook_us = hook["count"] + share * (hook["sampled"] - hook["count"])
+    # Each process's figures, then their medians over the processes (the first is this one).
+    for h in per_process:
+        h["at_defaults"] = h["count"] + share * (h["sampled"] - h["count"])
+        h["vs_floor"], h["count_vs_floor"] = h["at_defaults"] / h["floor"], h["count"] / h["floor"]
+    for key in ("count", "sampled", "floor", "at_defaults", "vs_floor", "count_vs_floor"):
+        hook[key] = statistics.median(h[key] for h in per_process)
+    hook_us = hook["at_defaults"]
 
     watch = attach(window=10**9)
     w.step(0)  # allocates the buffers
@@ -479,7 +538,9 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
         window_ends=window_ends,
         sync_check=sync_check,
         extra={
-            "floor_hook_us_per_step": hook["floor"], "hook_vs_floor": hook_us / hook["floor"],
+            "floor_hook_us_per_step": hook["floor"], "hook_vs_floor": hook["vs_floor"],
+            "count_vs_floor": hook["count_vs_floor"], "hook_processes": len(per_process),
+            "hook_vs_floor_per_process": [h["vs_floor"] for h in per_process],
             "count_hook_us_per_step": hook["count"], "sampled_hook_us_per_step": hook["sampled"],
             "sampled_share": share, "calls_per_router_step": hook["calls_per_router_step"],
             "hook_rounds": hook["rounds"], "hook_steps": hook_steps,
@@ -794,6 +855,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hook-steps", type=int, default=0,
                    help="steps per in-hook measurement (0: per-model default: demo 50, qwen3moe 20, moe64 2)")
     p.add_argument("--hook-rounds", type=int, default=3, help="rounds of in-hook measurements (default 3)")
+    p.add_argument("--hook-processes", type=int, default=0,
+                   help="processes the in-hook measurement runs in, this one and fresh ones, medians over them "
+                   f"(0: per-model default: {', '.join(f'{m} {n}' for m, n in HOOK_PROCESSES.items())})")
+    p.add_argument("--hook-only", action="store_true", help=argparse.SUPPRESS)  # one fresh process's part
     p.add_argument("--graph-rounds", type=int, default=0,
                    help="--compile: rounds of compiled-forward pairs timing moewatch's in-graph cost "
                         f"(0: per-model default: {', '.join(f'{m} {r}' for m, r in GRAPH_ROUNDS.items())})")
@@ -815,6 +880,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown models {sorted(unknown)}; choose from {sorted(WORKLOADS)}")
 
+    if args.hook_only:
+        with open(args.json, "w") as f:
+            json.dump(_hook_only(names[0], args, device), f)
+        return 0
     machine = _machine(device)
     clock = "wall (CUDA-synchronised per block)" if device.type == "cuda" else "thread CPU time"
     print(f"# moewatch step overhead on {device}: {machine}")
@@ -853,21 +922,23 @@ def main(argv: list[str] | None = None) -> int:
                   f"routers {rg['plain_routers_us']:.0f} us); compiled+moewatch / compiled {rg['modeled_ratio']:.4f} "
                   f"({rg['modeled_ratio_ci'][0]:.4f}-{rg['modeled_ratio_ci'][1]:.4f}); graphs compiled in its "
                   f"rounds: {rg['graphs_compiled_in_rounds']}")
-        print(f"   router hooks, us/step (medians of {x['hook_rounds']} rounds x {x['hook_steps']} steps, on the same calls "
-              f"as the floor's, window ends apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
-              f"{x['count_hook_us_per_step']:.1f} ({x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x "
-              f"floor), every call sampled {x['sampled_hook_us_per_step']:.1f}")
+        print(f"   router hooks, us/step (medians over {x['hook_processes']} processes of their medians of "
+              f"{x['hook_rounds']} rounds x {x['hook_steps']} steps, on the same calls as the floor's, window ends "
+              f"apart): floor {x['floor_hook_us_per_step']:.1f}; moewatch count-only calls "
+              f"{x['count_hook_us_per_step']:.1f} ({x['count_vs_floor']:.2f}x floor), every call sampled "
+              f"{x['sampled_hook_us_per_step']:.1f}")
         print(f"   moewatch at its defaults (window {DEFAULT_WINDOW}, probs_every {r.probs_every}: "
               f"{x['sampled_share'] * 100:.0f}% of calls sampled): {r.hook_us_per_step:.1f} us/step "
               f"({r.hook_us_per_step / (r.step_ms['plain'] * 1e3) * 100:.2f}% of a plain step); "
-              f"moewatch / floor in-hook: {x['hook_vs_floor']:.2f}x")
+              f"moewatch / floor in-hook: {x['hook_vs_floor']:.2f}x (per process: "
+              f"{', '.join(f'{v:.2f}' for v in x['hook_vs_floor_per_process'])})")
         print(f"   window end: {x['window_end_ms']:.2f} ms ({x['window_end_us_per_step_default']:.1f} us/step at window "
               f"{DEFAULT_WINDOW}); {r.ops_count_call} aten ops per router call, {r.ops_sampled_call} on the calls "
               f"that sample the probabilities: {r.ops_per_router_call:.2f} on average")
         mem = (f"peak step memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
                f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; " if r.peak_extra_bytes else "")
-        print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts)), temporaries "
-              f"<= {x['transient_bytes_per_router_call'] / 1024:.1f} KiB per router call, freed when its hook "
+        print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts), and on the CPU "
+              f"one sampled call's workspace), temporaries <= {x['transient_bytes_per_router_call'] / 1024:.1f} KiB per router call, freed when its hook "
               f"returns; {r.window_ends} window ends timed")
         print(f"   window_steps {r.window_steps}, {x['blocks']} blocks x {x['steps_per_block']} steps per "
               f"variant; syncs: {r.sync_check}")
@@ -883,7 +954,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.model} | {r.window_steps} | {r.step_ms['plain']:.2f} | {m.median:.4f} [{m.q1:.4f}-{m.q3:.4f}] "
               f"({m.ci_lo:.4f}-{m.ci_hi:.4f}) | {nv.median:.3f} [{nv.q1:.3f}-{nv.q3:.3f}] | "
               f"{r.hook_us_per_step:.0f} | {x['floor_hook_us_per_step']:.0f} ({x['hook_vs_floor']:.2f}x) | "
-              f"{x['count_hook_us_per_step'] / x['floor_hook_us_per_step']:.2f}x | {x['window_end_ms']:.2f} | "
+              f"{x['count_vs_floor']:.2f}x | {x['window_end_ms']:.2f} | "
               f"{r.ops_count_call} (+{r.ops_sampled_call - r.ops_count_call} every {r.probs_every}) | {mem} |")
     if args.compile:
         print("\n| model | compiled ms/step (eager plain) | compiled+moewatch / compiled, median [IQR] (95% CI) | "
