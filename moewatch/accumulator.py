@@ -117,7 +117,10 @@ class Accumulator:
             return last[1]
         bufs = self._bufs.get(device)
         if bufs is None:
-            bufs = self._bufs[device] = _Buffers(self.num_experts, self.e_max, device)
+            # Normal tensors even when the first call runs under torch.inference_mode() (count_eval): an
+            # inference tensor could not be updated in place by the training calls after it.
+            with torch.inference_mode(False):
+                bufs = self._bufs[device] = _Buffers(self.num_experts, self.e_max, device)
         self._last = (device, bufs)
         return bufs
 
@@ -273,8 +276,9 @@ class Accumulator:
         t = logits_TE.shape[0]
         work = bufs.work.get(e)
         if work is None or work[0] != t:
-            w = torch.zeros(self.e_max + 2, t, device=logits_TE.device)  # rows e..Emax-1 stay zero
-            work = bufs.work[e] = (t, w, w[:e], w[self.e_max], w[self.e_max + 1])
+            with torch.inference_mode(False):  # reused by training calls after an inference-mode one
+                w = torch.zeros(self.e_max + 2, t, device=logits_TE.device)  # rows e..Emax-1 stay zero
+                work = bufs.work[e] = (t, w, w[:e], w[self.e_max], w[self.e_max + 1])
         _, w, probs_ET, z_T, finite_T = work
         x_ET = logits_TE.t()
         torch.softmax(x_ET, 0, out=probs_ET)

@@ -170,7 +170,8 @@ class MoEWatchConfig(BaseSettings):
         ge=1,
         description="Read the router probabilities (entropy's mean probability vector, z-loss, non-finite rows) "
         "on the first call of each router in every window and on every Nth call after it; expert counts stay "
-        "exact on every call. A sampled call costs 11 device ops more than counting's 2; at 32 (4 of the 100 "
+        "exact on every call. A sampled call costs 11 device ops more than counting's 2 (9 on the CPU with fewer "
+        "than 16 experts); at 32 (4 of the 100 "
         "calls of a default window) the hot path stays within 1.25x of a bare exact counter. The entropy's noise "
         "floor accounts for the sampled tokens. 1 = every call (exact entropy and z-loss, non-finite rows seen "
         "on every call; about 4x the hot-path cost of counting alone).",

@@ -79,6 +79,21 @@ def test_count_eval_counts_eval_forwards():
         assert watch.flush().layers[0].loads == expected_loads(A1, 4)
 
 
+def test_count_eval_under_inference_mode_then_training_keeps_counting():
+    """An inference-mode eval forward first (count_eval) must not leave inference tensors that the training
+    calls after it cannot update in place: the CPU sampling workspace (E < 16) is made as a normal tensor."""
+    model = ToyMoE().eval()
+    with moewatch.attach(model, **quiet(count_eval=True, probs_every=1)) as watch:
+        with torch.inference_mode():
+            model(tokens_for(A1))
+        model.train()
+        model(tokens_for(A1))  # as many tokens as the eval call: the same workspace
+        report = watch.flush()
+        assert watch.hook_errors == 0
+        assert report.layers[0].loads == expected_loads(A1 + A1, 4)
+        assert report.layers[0].nonfinite == 0 and report.layers[0].entropy_source == "probs"
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_activation_checkpointing_recompute_is_not_counted(reentrant):
     model = ToyMoE(layers=1)
