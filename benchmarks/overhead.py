@@ -20,13 +20,14 @@ inside moewatch's eager router hooks and its optimizer post-hook on every step t
 Besides the A/B blocks, the time inside the router hooks is measured directly, on the same router calls as a
 floor counter's (``FloorCounter``: the same count kernels and nothing else; the two hooks swap places every
 step), for count-only calls and for calls that sample the probability statistics, and combined at moewatch's
-default sampling; window ends are timed apart. With ``--compile``, moewatch's cost inside the compiled graph is
-timed per router (``_router_graph_rounds``: each router module compiled alone on its own inputs, with and
+default sampling, as the median over processes (this one and ``--hook-processes`` - 1 fresh ones: one
+process's figure moves with its memory layout); window ends are timed apart. With ``--compile``, moewatch's
+cost inside the compiled graph is timed per router (``_router_graph_rounds``: each router module compiled alone on its own inputs, with and
 without the hooks) and, as a cross-check, in whole compiled forwards (``_in_graph_rounds``; two compilations
 of a model can differ in speed by more than moewatch adds), and the compiled ratio is modeled from the parts.
 
-    python benchmarks/overhead.py                       # all models, eager, CPU (about 5 min on 2 cores)
-    python benchmarks/overhead.py --compile             # + compiled variants (inductor; about 16 min)
+    python benchmarks/overhead.py                       # all models, eager, CPU (about 6 min on 2 cores)
+    python benchmarks/overhead.py --compile             # + compiled variants (inductor; about 14 min)
     python benchmarks/overhead.py --models demo --blocks 60
     python benchmarks/overhead.py --device cuda --compile
 """
