@@ -22,9 +22,10 @@ floor counter's (``FloorCounter``: the same count kernels and nothing else; the 
 step), for count-only calls and for calls that sample the probability statistics, and combined at moewatch's
 default sampling, as the median over processes (this one and ``--hook-processes`` - 1 fresh ones: one
 process's figure moves with its memory layout); window ends are timed apart. With ``--compile``, moewatch's
-cost inside the compiled graph is timed per router (``_router_graph_rounds``: each router module compiled alone on its own inputs, with and
-without the hooks) and, as a cross-check, in whole compiled forwards (``_in_graph_rounds``; two compilations
-of a model can differ in speed by more than moewatch adds), and the compiled ratio is modeled from the parts.
+cost inside the compiled graph is timed per router (``_router_graph_rounds``: each router module compiled
+alone on its own inputs, with and without the hooks) and, as a cross-check, in whole compiled forwards
+(``_in_graph_rounds``; two compilations of a model can differ in speed by more than moewatch adds), and the
+compiled ratio is modeled from the parts.
 
     python benchmarks/overhead.py                       # all models, eager, CPU (about 6 min on 2 cores)
     python benchmarks/overhead.py --compile             # + compiled variants (inductor; about 14 min)
@@ -939,8 +940,8 @@ def main(argv: list[str] | None = None) -> int:
         mem = (f"peak step memory above plain: moewatch {r.peak_extra_bytes['moewatch'] / 1024:.1f} KiB, naive "
                f"{r.peak_extra_bytes['naive'] / 1024:.1f} KiB; " if r.peak_extra_bytes else "")
         print(f"   memory: {mem}moewatch buffers {r.monitor_state_bytes} B (O(layers x experts), and on the CPU "
-              f"one sampled call's workspace), temporaries <= {x['transient_bytes_per_router_call'] / 1024:.1f} KiB per router call, freed when its hook "
-              f"returns; {r.window_ends} window ends timed")
+              f"one sampled call's workspace), temporaries <= {x['transient_bytes_per_router_call'] / 1024:.1f} "
+              f"KiB per router call, freed when its hook returns; {r.window_ends} window ends timed")
         print(f"   window_steps {r.window_steps}, {x['blocks']} blocks x {x['steps_per_block']} steps per "
               f"variant; syncs: {r.sync_check}")
     print("\n| model | window | plain ms/step | moewatch / plain, median [IQR] (95% CI) | naive / plain | "

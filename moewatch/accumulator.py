@@ -267,12 +267,13 @@ class Accumulator:
 
     def _sample_cpu_small(self, layer: int, logits_TE: torch.Tensor, bufs: _Buffers, e: int) -> None:
         """``_sample_eager``'s softmax statistics for a CPU router with fewer than 16 experts, where every op
-        costs its dispatch more than its arithmetic: 9 kernels (and a transposed view) into a workspace ``W`` ``[Emax + 2, T]`` that is kept
-        for the next call of the same size, whose rows are the statistics row's columns (probabilities, zeros
-        up to ``Emax``, lse^2, finite-row indicator), so one ``nansum`` over tokens and one ``add_`` update them
-        all. CPU softmax is also several times slower over a last dim narrower than one vector register than over
-        the token dim of the transposed view. Workspace reuse is safe here because CPU ops run in program order;
-        on a GPU the caching allocator's stream-aware temporaries are used instead (the general path)."""
+        costs its dispatch more than its arithmetic: 9 kernels (and a transposed view) into a workspace ``W``
+        ``[Emax + 2, T]`` kept for the next call of the same size, whose rows are the statistics row's columns
+        (probabilities, zeros up to ``Emax``, lse^2, finite-row indicator), so one ``nansum`` over tokens and one
+        ``add_`` update them all. CPU softmax is also several times slower over a last dim narrower than one
+        vector register than over the token dim of the transposed view. Reusing the workspace is safe because
+        CPU ops run in program order; on a GPU the general path's temporaries come from the stream-aware caching
+        allocator instead."""
         t = logits_TE.shape[0]
         work = bufs.work.get(e)
         if work is None or work[0] != t:
