@@ -322,14 +322,13 @@ def _hook_specs(w: Workload, attach: Callable[..., moewatch.Monitor]) -> tuple[l
 
 def _hook_only(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """``--hook-only``: the in-hook measurement alone, in this (fresh) process, after the model's warm-up."""
-    window_steps, _, warmup, hook_steps, _ = DEFAULTS[name]
+    window_steps, _, warmup, hook_steps, _ = _settings(name, args)
     w = build_workload(name, device, seed=args.seed, scale=args.scale)
-    attach = _attacher(w, name, args.window_steps or window_steps, args, device)
-    warmup = args.warmup if args.warmup is not None else warmup
+    attach = _attacher(w, name, window_steps, args, device)
     for i in range(warmup):
         w.step(i)
     specs, _, _ = _hook_specs(w, attach)
-    return _in_hook_rounds(w, specs, attach, args.hook_steps or hook_steps, warmup + 1, rounds=args.hook_rounds)
+    return _in_hook_rounds(w, specs, attach, hook_steps, warmup + 1, rounds=args.hook_rounds)
 
 
 def _hook_in_fresh_process(name: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -349,14 +348,19 @@ def _hook_in_fresh_process(name: str, args: argparse.Namespace) -> dict[str, Any
             return json.load(f)
 
 
-def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
+def _settings(name: str, args: argparse.Namespace) -> tuple[int, int, int, int, int]:
+    """The model's DEFAULTS with the command line's overrides: (window_steps, blocks, warm-up steps, steps per
+    in-hook measurement, steps of the window-end measurement)."""
     window_steps, blocks, warmup, hook_steps, window_end_steps = DEFAULTS[name]
-    window_steps = args.window_steps or window_steps
-    steps_per_block = args.steps_per_block or window_steps
-    blocks = args.blocks or blocks
-    warmup = args.warmup if args.warmup is not None else warmup
     hook_steps = args.hook_steps or hook_steps
     window_end_steps = max(2, min(window_end_steps, hook_steps * 2)) if args.hook_steps else window_end_steps
+    return (args.window_steps or window_steps, args.blocks or blocks,
+            args.warmup if args.warmup is not None else warmup, hook_steps, window_end_steps)
+
+
+def run_model(name: str, args: argparse.Namespace, device: torch.device) -> ModelResult:
+    window_steps, blocks, warmup, hook_steps, window_end_steps = _settings(name, args)
+    steps_per_block = args.steps_per_block or window_steps
     # One model, one optimizer: what differs between blocks is only what is attached (copies of a model
     # differ by a few % in speed on the CPU from memory placement alone, more than the effect measured).
     w = build_workload(name, device, seed=args.seed, scale=args.scale)
@@ -555,9 +559,23 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> Mode
     )
 
 
-def _alternating(timed: Callable[[bool], float], rounds: int) -> tuple[list[float], list[float]]:
-    """``rounds`` rounds of ``timed(True)`` (moewatch) and ``timed(False)`` (plain), the order swapped every
-    round, garbage collection off: the paired differences and the plain times, in µs."""
+def _alternating(
+    suspended: SuspendableMonitor, run: Callable[[int], None], n: int, rounds: int, clock: Clock, k: int,
+) -> tuple[float, list[float], float]:
+    """``rounds`` rounds of ``n`` calls of ``run(i)`` with moewatch's hooks in (``suspended`` resumed) and ``n``
+    without, the order swapped every round, garbage collection off. Returns the median paired difference per
+    call in µs, its bootstrap 95% CI and the plain calls' median time in µs."""
+
+    def timed(with_moewatch: bool) -> float:
+        (suspended.resume if with_moewatch else suspended.suspend)()
+        c0 = clock.now()[k]
+        for i in range(n):
+            run(i)
+        t = (clock.now()[k] - c0) / n
+        if with_moewatch:
+            suspended.suspend()
+        return t
+
     diffs: list[float] = []
     plain: list[float] = []
     gc.collect()
@@ -572,7 +590,8 @@ def _alternating(timed: Callable[[bool], float], rounds: int) -> tuple[list[floa
             plain.append(pl * 1e6)
     finally:
         gc.enable()
-    return diffs, plain
+    lo, hi = _bootstrap_median_ci(diffs)
+    return statistics.median(diffs), [lo, hi], statistics.median(plain)
 
 
 def _in_graph_rounds(
@@ -586,23 +605,10 @@ def _in_graph_rounds(
     paired difference in µs per forward with a bootstrap 95% CI, the plain forward's time, and the tokens
     moewatch counted per router over the rounds (``rounds * n * tokens_per_forward`` when its graph ran in
     exactly its halves)."""
-    watch = suspended.watch
     suspended.flush()  # whatever an earlier block left: the rounds' counts start from zero
-
-    def timed(with_moewatch: bool) -> float:
-        (suspended.resume if with_moewatch else suspended.suspend)()
-        c0 = clock.now()[k]
-        for i in range(n):
-            forward(i)
-        t = (clock.now()[k] - c0) / n
-        if with_moewatch:
-            suspended.suspend()
-        return t
-
-    diffs, plain = _alternating(timed, rounds)
-    lo, hi = _bootstrap_median_ci(diffs)
-    report = watch.flush()
-    return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_forward_us": statistics.median(plain),
+    diff, ci, plain = _alternating(suspended, forward, n, rounds, clock, k)
+    report = suspended.flush()
+    return {"us_per_forward": diff, "ci": ci, "plain_forward_us": plain,
             "rounds": rounds, "calls_per_round": n, "expected_tokens": rounds * n * tokens_per_forward,
             "counted_tokens": [layer.tokens for layer in report.layers] if report is not None else []}
 
@@ -645,25 +651,17 @@ def _router_graph_rounds(
     with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(limit, 256)):
         compiled = torch.compile(call, backend=backend)
 
-        def timed(with_moewatch: bool) -> float:
-            (suspended.resume if with_moewatch else suspended.suspend)()
-            c0 = clock.now()[k]
-            for _ in range(n):
-                for module, args, kwargs in calls:
-                    compiled(module, args, kwargs)
-            t = (clock.now()[k] - c0) / n
-            if with_moewatch:
-                suspended.suspend()
-            return t
+        def forward(_: int) -> None:  # every router's calls of one forward
+            for module, args, kwargs in calls:
+                compiled(module, args, kwargs)
 
         suspended.flush()  # whatever an earlier block left: what the rounds count starts from zero
-        timed(True), timed(False)  # compiles both
+        _alternating(suspended, forward, n, 1, clock, k)  # compiles both (one round, not kept)
         g0 = _compile_stats()[0]
-        diffs, plain = _alternating(timed, rounds)
+        diff, ci, plain = _alternating(suspended, forward, n, rounds, clock, k)
         graphs = _compile_stats()[0] - g0
     report = suspended.flush()  # what the router calls counted is not a training window
-    lo, hi = _bootstrap_median_ci(diffs)
-    return {"us_per_forward": statistics.median(diffs), "ci": [lo, hi], "plain_routers_us": statistics.median(plain),
+    return {"us_per_forward": diff, "ci": ci, "plain_routers_us": plain,
             "router_calls_per_forward": len(calls), "rounds": rounds, "calls_per_round": n,
             "graphs_compiled_in_rounds": graphs,
             "counted_tokens": [layer.tokens for layer in report.layers] if report is not None else [],
