@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import socket
 import sys
 import types
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tests import gloo
 from tests.ci import require_module
 
 __all__ = [
@@ -42,12 +42,6 @@ def require(name: str) -> types.ModuleType:
     return require_module(name, "install requirements-frameworks.txt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def gloo_world() -> Iterator[None]:
     """A one-process gloo group on a free loopback port (Megatron's and DeepSpeed's constructors ask for
@@ -56,7 +50,7 @@ def gloo_world() -> Iterator[None]:
         yield
         return
     os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(gloo.free_port())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -2,62 +2,46 @@
 
 import json
 import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moewatch
+from tests import gloo
 from tests.fakes import ToyMoE, expected_loads, quiet, tokens_for
 
 RANK_ASSIGN = {0: [[0, 1], [0, 2], [0, 3]], 1: [[3, 2], [3, 1]]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, out_dir: str) -> None:
+    emitted = []
 
+    class Keep:
+        def emit(self, report):
+            emitted.append(report)
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        emitted = []
+        def close(self):
+            pass
 
-        class Keep:
-            def emit(self, report):
-                emitted.append(report)
-
-            def close(self):
-                pass
-
-        model = ToyMoE()
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        watch = moewatch.attach(model, optimizer=opt, sinks=[Keep()], **quiet(window_steps=2))
-        for _ in range(2):  # two steps: the window closes inside opt.step() on both ranks
-            model(tokens_for(RANK_ASSIGN[rank])).sum().backward()
-            opt.step()
-        latest = watch.latest
-        watch.close()
-        result = {
-            "loads": latest.layers[0].loads,
-            "tokens": latest.layers[0].tokens,
-            "emitted": len(emitted),
-            "routers": len(watch.routers),
-        }
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump(result, fh)
-        # Neither rank tears gloo down while the other still talks to it (a SIGABRT, "terminate called
-        # without an active exception", seen once in CI).
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    model = ToyMoE()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    watch = moewatch.attach(model, optimizer=opt, sinks=[Keep()], **quiet(window_steps=2))
+    for _ in range(2):  # two steps: the window closes inside opt.step() on both ranks
+        model(tokens_for(RANK_ASSIGN[rank])).sum().backward()
+        opt.step()
+    latest = watch.latest
+    watch.close()
+    result = {
+        "loads": latest.layers[0].loads,
+        "tokens": latest.layers[0].tokens,
+        "emitted": len(emitted),
+        "routers": len(watch.routers),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
 
 
 def test_two_process_gloo_all_reduce(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn(_worker, str(tmp_path))
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     both_steps = (RANK_ASSIGN[0] + RANK_ASSIGN[1]) * 2
     for res in results:

@@ -5,7 +5,6 @@ window. Two real gloo processes, each scraping its own port over HTTP."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
@@ -14,14 +13,13 @@ import pytest
 import requests
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 import moewatch
 from moewatch.exporter import PrometheusConfig, PrometheusExporter
+from tests import gloo
 from tests.fakes import ToyMoE, expected_loads, quiet, tokens_for
-from tests.test_distributed import _free_port
 
 RANK_ASSIGN = {0: [[0, 1], [0, 2], [0, 3]], 1: [[3, 2], [3, 1]]}
 STEPS = 2
@@ -30,7 +28,7 @@ STEPS = 2
 def free_port_pair() -> int:
     """A port ``p`` with ``p`` and ``p + 1`` both free on 127.0.0.1."""
     for _ in range(50):
-        p = _free_port()
+        p = gloo.free_port()
         if p >= 65535:
             continue
         with socket.socket() as s:
@@ -46,35 +44,31 @@ def _samples(text: str) -> list:
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
 
 
-def _worker(rank: int, port: int, metrics_port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = ToyMoE()
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        watch = moewatch.attach(
-            model, optimizer=opt,
-            **quiet(window_steps=STEPS, run_name="per-rank", jsonl={"path": os.path.join(out_dir, f"w{rank}.jsonl")},
-                    prometheus={"host": "127.0.0.1", "port": metrics_port, "per_rank": True}),
-        )  # fmt: skip
-        for _ in range(STEPS):  # one window, closed inside opt.step() on both ranks
-            model(tokens_for(RANK_ASSIGN[rank])).sum().backward()
-            opt.step()
-        url = watch.find_sink(PrometheusExporter).url
-        body = requests.get(f"http://127.0.0.1:{metrics_port + rank}/metrics", timeout=10).text
-        dist.barrier()  # both ranks scraped before either closes its server
-        latest = watch.latest
-        watch.close()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump({"url": url, "body": body, "sinks": sorted(type(s).__name__ for s in watch.sinks),
-                       "latest_loads": latest.layers[0].loads}, fh)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, metrics_port: int, out_dir: str) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)  # before attach: the exporter listens on port + LOCAL_RANK
+    model = ToyMoE()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    watch = moewatch.attach(
+        model, optimizer=opt,
+        **quiet(window_steps=STEPS, run_name="per-rank", jsonl={"path": os.path.join(out_dir, f"w{rank}.jsonl")},
+                prometheus={"host": "127.0.0.1", "port": metrics_port, "per_rank": True}),
+    )  # fmt: skip
+    for _ in range(STEPS):  # one window, closed inside opt.step() on both ranks
+        model(tokens_for(RANK_ASSIGN[rank])).sum().backward()
+        opt.step()
+    url = watch.find_sink(PrometheusExporter).url
+    body = requests.get(f"http://127.0.0.1:{metrics_port + rank}/metrics", timeout=10).text
+    dist.barrier()  # both ranks scraped before either closes its server
+    latest = watch.latest
+    watch.close()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"url": url, "body": body, "sinks": sorted(type(s).__name__ for s in watch.sinks),
+                   "latest_loads": latest.layers[0].loads}, fh)
 
 
 def test_per_rank_export_two_gloo_ranks(tmp_path):
     metrics_port = free_port_pair()
-    mp.spawn(_worker, args=(_free_port(), metrics_port, str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn(_worker, metrics_port, str(tmp_path))
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     both = expected_loads((RANK_ASSIGN[0] + RANK_ASSIGN[1]) * STEPS, 4)
     assigned_sum = [0, 0, 0, 0]
@@ -124,7 +118,7 @@ def test_single_process_per_rank_port_offset_and_rank_label(monkeypatch):
 
 def test_default_export_has_no_rank_label_and_no_port_offset(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
-    base = _free_port()
+    base = gloo.free_port()
     ex = PrometheusExporter("r", PrometheusConfig(host="127.0.0.1", port=base), registry=CollectorRegistry())
     try:
         assert ex.port == base and ex.per_rank is False and ex.collector.labels == {}

@@ -6,7 +6,6 @@ with its own group."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 
@@ -14,15 +13,14 @@ import pytest
 import requests
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 import moewatch
 from moewatch.exporter import PrometheusExporter
 from moewatch.sinks.jsonl import JsonlSink
+from tests import gloo
 from tests.fakes import ToyMoE, expected_loads, quiet, tokens_for
-from tests.test_distributed import _free_port
 from tests.test_per_rank import free_port_pair
 
 A = [[0, 1], [1, 2], [2, 3], [0, 3]]
@@ -47,51 +45,47 @@ class Stage(nn.Module):
         return h
 
 
-def _worker(rank: int, port: int, metrics_port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
-    try:
-        dp_groups = [dist.new_group([0]), dist.new_group([1])]  # each stage's data-parallel group
-        stage = rank
-        torch.manual_seed(0)
-        per_stage = LAYERS // 2
-        model = Stage(ToyMoE(layers=LAYERS), list(range(stage * per_stage, (stage + 1) * per_stage)))
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        refused = None
-        try:  # the world group holds both stages: its all-reduce would add stage 1's layers to stage 0's
-            moewatch.attach(model, **quiet(pipeline_stage=stage))
-        except moewatch.ConfigError as exc:
-            refused = str(exc)
-        watch = moewatch.attach(
-            model, optimizer=opt, process_group=dp_groups[stage],
-            **quiet(window_steps=STEPS, run_name="pp", layer_offset=stage * per_stage, pipeline_stage=stage,
-                    jsonl={"path": os.path.join(out_dir, f"stage{stage}.jsonl")},
-                    prometheus={"host": "127.0.0.1", "port": metrics_port}),
-        )  # fmt: skip
-        for _ in range(STEPS):
-            if stage == 0:
-                h = model(tokens_for(A))
-                dist.send(h.detach(), dst=1)
-            else:
-                h = torch.empty(len(A), 8)
-                dist.recv(h, src=0)
-                h = model(h)
-            h.sum().backward()
-            opt.step()
-        url = watch.find_sink(PrometheusExporter).url
-        body = requests.get(url, timeout=10).text
-        dist.barrier()
-        sinks = sorted(type(s).__name__ for s in watch.sinks)
-        watch.close()
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
-            json.dump({"url": url, "body": body, "sinks": sinks, "refused": refused}, fh)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, metrics_port: int, out_dir: str) -> None:
+    os.environ["LOCAL_RANK"] = str(rank)
+    dp_groups = [dist.new_group([0]), dist.new_group([1])]  # each stage's data-parallel group
+    stage = rank
+    torch.manual_seed(0)
+    per_stage = LAYERS // 2
+    model = Stage(ToyMoE(layers=LAYERS), list(range(stage * per_stage, (stage + 1) * per_stage)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    refused = None
+    try:  # the world group holds both stages: its all-reduce would add stage 1's layers to stage 0's
+        moewatch.attach(model, **quiet(pipeline_stage=stage))
+    except moewatch.ConfigError as exc:
+        refused = str(exc)
+    watch = moewatch.attach(
+        model, optimizer=opt, process_group=dp_groups[stage],
+        **quiet(window_steps=STEPS, run_name="pp", layer_offset=stage * per_stage, pipeline_stage=stage,
+                jsonl={"path": os.path.join(out_dir, f"stage{stage}.jsonl")},
+                prometheus={"host": "127.0.0.1", "port": metrics_port}),
+    )  # fmt: skip
+    for _ in range(STEPS):
+        if stage == 0:
+            h = model(tokens_for(A))
+            dist.send(h.detach(), dst=1)
+        else:
+            h = torch.empty(len(A), 8)
+            dist.recv(h, src=0)
+            h = model(h)
+        h.sum().backward()
+        opt.step()
+    url = watch.find_sink(PrometheusExporter).url
+    body = requests.get(url, timeout=10).text
+    dist.barrier()
+    sinks = sorted(type(s).__name__ for s in watch.sinks)
+    watch.close()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump({"url": url, "body": body, "sinks": sinks, "refused": refused}, fh)
 
 
 def test_two_stages_report_global_layers_with_a_stage_label(tmp_path):
     metrics_port = free_port_pair()
-    mp.spawn(_worker, args=(_free_port(), metrics_port, str(tmp_path)), nprocs=2, join=True)
+    gloo.spawn(_worker, metrics_port, str(tmp_path))
     loads = expected_loads(A * STEPS, 4)
     for stage in (0, 1):
         res = json.loads((tmp_path / f"rank{stage}.json").read_text())

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 
-from tests.test_distributed import _free_port
+from tests import gloo
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "torchrun_trainer.py")
 
@@ -19,7 +19,7 @@ def _torchrun(tmp_path, scenario: str = "ok") -> None:
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MOEWATCH_PROMETHEUS__ENABLED": "true", "SCENARIO": scenario}
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(gloo.free_port()),
          SCRIPT, str(tmp_path)],
         capture_output=True, text=True, timeout=240, env=env,
     )
