@@ -42,13 +42,15 @@ REPO = Path(__file__).resolve().parents[1]
 _PUSHGATEWAY_NAMES = ("prometheus-pushgateway", "pushgateway")
 
 
-def require_binary(*names: str) -> str:
+def require_binary(
+    *names: str, hint: str = "apt-get install prometheus prometheus-pushgateway prometheus-alertmanager"
+) -> str:
+    """The first of ``names`` on PATH, or :func:`tests.ci.missing` (skip locally, fail under CI=true)."""
     for name in names:
         path = shutil.which(name)
         if path:
             return path
-    msg = f"{' / '.join(names)} not found on PATH (apt-get install prometheus prometheus-pushgateway prometheus-alertmanager)"
-    missing(msg)
+    missing(f"{' / '.join(names)} not found on PATH ({hint}; .ci/run installs it)")
 
 
 def free_port() -> int:

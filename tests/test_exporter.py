@@ -16,7 +16,7 @@ import moewatch
 from moewatch.exporter import PrometheusConfig, PrometheusExporter, PushgatewayConfig
 from moewatch.exporter.collector import LAYER_GAUGES
 from moewatch.report import HealthState
-from tests.promhelpers import ToyMoE, free_port, layer_report, window_report
+from tests.promhelpers import ToyMoE, free_port, layer_report, require_binary, window_report
 
 
 def scrape(url: str, **kw: object) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -284,7 +284,7 @@ def test_tls(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
-            "openssl",
+            require_binary("openssl", hint="apt-get install openssl"),
             "req",
             "-x509",
             "-newkey",
@@ -381,8 +381,6 @@ def test_per_window_families_are_rendered_once_per_window_not_per_scrape() -> No
 
 
 def test_missing_binary_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.promhelpers import require_binary
-
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
         require_binary("moewatch-no-such-binary")
