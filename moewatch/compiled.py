@@ -2,14 +2,16 @@
 
 Dynamo does not guard on module hooks by default (``torch._dynamo.config.skip_nnmodule_hook_guards``):
 once a compiled frame of a model has run, hooks registered later are never called by it, and a monitor
-attached then would count nothing. :func:`refresh_compiled` finds such frames among the model's modules
-(the cache of each module class's ``forward``, and ``_call_impl`` for ``module.compile()``) and resets
-torch.compile's caches, so that the next call recompiles with the hooks in the graph.
+attached then would count nothing. A frame's guards do not name the instance either: a frame compiled for
+one model serves a fresh model of the same classes. :func:`refresh_compiled` finds such frames (the cache of
+each module class's ``forward``, and ``_call_impl`` for ``module.compile()``); :mod:`moewatch.plain` makes
+them miss for the watched model only.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from types import CodeType
 
@@ -43,19 +45,41 @@ def has_compiled_frames(model: nn.Module) -> bool:
     return any(entries(code) for code in codes)
 
 
+def _inlines_modules() -> bool:
+    # Deprecated (always True) in newer torch, where reading it warns; gone later, hence the default.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return bool(getattr(torch._dynamo.config, "inline_inbuilt_nn_modules", True))
+
+
 def refresh_compiled(model: nn.Module) -> bool:
-    """Reset torch.compile's caches when ``model`` has compiled frames that would not call hooks added
-    now. Returns whether it did. A no-op when dynamo guards on hooks (it then recompiles by itself)."""
+    """Make sure compiled frames that ran before ``attach`` cannot serve ``model`` without its hooks.
+    Returns whether torch.compile's caches were reset (process-wide).
+
+    With dynamo inlining nn modules (``torch._dynamo.config.inline_inbuilt_nn_modules``, torch's default),
+    nothing is reset: :mod:`moewatch.plain` gives each hooked module an instance ``forward``, which fails the
+    ``'forward' not in module.__dict__`` guard of every frame traced before, for this model only. Such frames
+    (this model's own, or another instance's of the same classes) recompile once on their next call with
+    this model; other models keep their compiled code. Without inlining, dynamo specialises on module
+    identity and rebuilds frames whose modules changed less reliably, so the caches are reset as before.
+    A no-op when dynamo guards on hooks (it then recompiles by itself)."""
     if not torch._dynamo.config.skip_nnmodule_hook_guards or not has_compiled_frames(model):
         return False
-    # torch.compiler.reset() is process-wide: every compiled function recompiles on its next call. Dynamo has
-    # no public per-model reset, and resetting only the forward's code would leave the resume functions of a
-    # graph break running their old graphs without the hooks.
+    if _inlines_modules():
+        log.info(
+            "moewatch: %s's module classes have compiled frames in this process (of this model or of another "
+            "instance); a frame that runs this model's routers recompiles once, for this model only, with the "
+            "router hooks in the graph. Nothing is reset: other models keep their compiled code",
+            type(model).__name__,
+        )
+        return False
+    # torch.compiler.reset() is process-wide: every compiled function recompiles on its next call.
     torch.compiler.reset()
     log.warning(
-        "moewatch: %s had already run under torch.compile, whose compiled graphs do not call hooks added "
-        "later; moewatch reset torch.compile's caches (torch.compiler.reset()), so the next call recompiles "
-        "(once) with the router hooks. Attach before the first compiled call to avoid the recompile",
+        "moewatch: %s's module classes had run under torch.compile with "
+        "torch._dynamo.config.inline_inbuilt_nn_modules=False, whose compiled graphs do not call hooks added "
+        "later; moewatch reset torch.compile's caches (torch.compiler.reset(), every compiled function in the "
+        "process recompiles once). Attach before the first compiled call to avoid it",
         type(model).__name__,
     )
     return True

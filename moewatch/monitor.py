@@ -20,6 +20,7 @@ from moewatch.config import MoEWatchConfig
 from moewatch.errors import MoEWatchError
 from moewatch.flush import StepMismatchError, WindowFlusher
 from moewatch.optim import unwrap_optimizer
+from moewatch.plain import mark_hook, release, watch_module
 from moewatch.report import WindowReport
 from moewatch.resume import (
     STATE_VERSION,
@@ -113,11 +114,16 @@ class Monitor:
 
         for device in {p.device for s in specs for p in s.hook_module.parameters()}:
             self._acc.prepare(device)
+        self._watched: list[nn.Module] = []  # modules given moewatch.plain's attributes, released at close
         for i, spec in enumerate(specs):
-            self._handles.append(spec.hook_module.register_forward_hook(self._make_hook(i, spec)))
+            self._handles.append(spec.hook_module.register_forward_hook(mark_hook(self._make_hook(i, spec))))
+            self._watched.append(spec.hook_module)
+            watch_module(spec.hook_module)  # copies and pickles are plain; stale compiled frames miss
             child = spec.extra.get("logits_module")
             if child is not None:
-                self._handles.append(child.register_forward_hook(self._make_stash(spec)))
+                self._handles.append(child.register_forward_hook(mark_hook(self._make_stash(spec))))
+                self._watched.append(child)
+                watch_module(child)
         if optimizer is not None:
             try:
                 optimizer = unwrap_optimizer(optimizer)
@@ -128,7 +134,9 @@ class Monitor:
         else:
             # Fallback step source: each training forward of the root module after the first starts a new
             # step (so a user who calls step() after the first forward never gets a double count).
-            self._root_handle = model.register_forward_pre_hook(self._on_root_forward)
+            self._root_handle = model.register_forward_pre_hook(mark_hook(self._root_pre_hook()))
+            watch_module(model, forward=False)
+            self._watched.append(model)
         _ATTACHED[model] = self
         self._trend = TrendTracker(self.config.early_warning, self.config.thresholds)
         # Trend and idle windows of the per-rank reports (not in state_dict: they restart on resume).
@@ -410,6 +418,15 @@ class Monitor:
 
         return stash
 
+    def _root_pre_hook(self) -> Callable[..., None]:
+        # A closure, not the bound method: a bound method in the model's hooks would copy the Monitor along.
+        on_root_forward = self._on_root_forward
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            on_root_forward(module, args)
+
+        return pre_hook
+
     def _on_root_forward(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         if torch.compiler.is_compiling():
             # Step counting is host work that a compiled forward cannot trace without a graph break:
@@ -556,3 +573,6 @@ class Monitor:
         if self._root_handle is not None:
             self._root_handle.remove()
             self._root_handle = None
+        for module in self._watched:
+            release(module)
+        self._watched.clear()
