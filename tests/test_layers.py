@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "moewatch.trend",
             "moewatch.resume",
             "moewatch.compiled",
+            "moewatch.plain",
         ),
     ),
     ("monitor", ("moewatch.monitor",)),

@@ -92,7 +92,7 @@ def test_shallow_copy_does_not_share_moewatch_hooks():
     model = _mixtral()
     with moewatch.attach(model, **quiet(window_steps=100)) as watch:
         gate_copy = copy.copy(model.model.layers[0].mlp.gate)
-        assert _moewatch_leftovers(gate_copy) == []
+        assert _moewatch_leftovers(gate_copy) == [] and len(gate_copy._forward_hooks) == 0
         assert watch.routers[0].module == "model.layers.0.mlp.gate"
 
 
