@@ -114,16 +114,18 @@ class Monitor:
 
         for device in {p.device for s in specs for p in s.hook_module.parameters()}:
             self._acc.prepare(device)
-        self._watched: list[nn.Module] = []  # modules given moewatch.plain's attributes, released at close
+        # Modules given moewatch.plain's attributes (copies and pickles are plain, stale compiled frames
+        # miss), released at close.
+        self._watched: list[nn.Module] = []
         for i, spec in enumerate(specs):
             self._handles.append(spec.hook_module.register_forward_hook(mark_hook(self._make_hook(i, spec))))
             self._watched.append(spec.hook_module)
-            watch_module(spec.hook_module)  # copies and pickles are plain; stale compiled frames miss
             child = spec.extra.get("logits_module")
             if child is not None:
                 self._handles.append(child.register_forward_hook(mark_hook(self._make_stash(spec))))
                 self._watched.append(child)
-                watch_module(child)
+        for module in self._watched:
+            watch_module(module)
         if optimizer is not None:
             try:
                 optimizer = unwrap_optimizer(optimizer)

@@ -93,9 +93,8 @@ def watch_module(module: nn.Module, *, forward: bool = True) -> None:
     """Give ``module`` the two instance attributes (idempotent). ``forward=False`` for the root's pre-hook
     only: the root's own compiled frames are not the ones that trace router hooks."""
     d = module.__dict__
-    if not isinstance(d.get("__reduce_ex__"), _PlainReduce):
-        if "__reduce_ex__" not in d:  # never replace a user's own instance reducer
-            object.__setattr__(module, "__reduce_ex__", _PlainReduce(module))
+    if "__reduce_ex__" not in d:  # ours already, or a user's own instance reducer: left as it is
+        object.__setattr__(module, "__reduce_ex__", _PlainReduce(module))
     cls_forward = getattr(type(module), "forward", None)
     if forward and "forward" not in d and isinstance(cls_forward, types.FunctionType):
         # An instance forward set by someone else (accelerate's hooks) is left alone: it already makes
