@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from moewatch.adapters.failures import RouterReadWarning
     from moewatch.attaching import attach
     from moewatch.config import MoEWatchConfig, Thresholds
-    from moewatch.errors import ConfigError, MoEWatchError
+    from moewatch.errors import ConfigError, MoEWatchError, UnreadableRouterError
     from moewatch.flush import StepMismatchError
     from moewatch.monitor import AlreadyAttachedError, Monitor
     from moewatch.report import HealthState, LayerReport, WindowReport
@@ -35,6 +35,7 @@ _LAZY = {
     "attach": "moewatch.attaching",  # not moewatch.attach: importing that submodule would shadow the function
     "ConfigError": "moewatch.errors",
     "MoEWatchError": "moewatch.errors",
+    "UnreadableRouterError": "moewatch.errors",
     "StepMismatchError": "moewatch.flush",
     "MoEWatchConfig": "moewatch.config",
     "Thresholds": "moewatch.config",
@@ -65,6 +66,7 @@ __all__ = [
     "Sink",
     "StepMismatchError",
     "Thresholds",
+    "UnreadableRouterError",
     "WindowReport",
     "attach",
     "__version__",

@@ -5,7 +5,7 @@ that cannot continue), so existing ``except ValueError`` code keeps working."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "MoEWatchError"]
+__all__ = ["ConfigError", "MoEWatchError", "UnreadableRouterError"]
 
 
 class MoEWatchError(Exception):
@@ -14,3 +14,8 @@ class MoEWatchError(Exception):
 
 class ConfigError(MoEWatchError, ValueError):
     """A configuration value or attach argument is wrong; the message names the field and how to set it."""
+
+
+class UnreadableRouterError(MoEWatchError, ValueError):
+    """A router was found whose choice moewatch cannot read exactly; the message names the router, the
+    framework version and the fix. Raised by ``attach`` rather than counting a wrong or empty choice."""

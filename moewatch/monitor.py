@@ -416,7 +416,9 @@ class Monitor:
     @staticmethod
     def _make_stash(spec: RouterSpec) -> Callable[..., None]:
         def stash(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            spec.extra["stash"] = output.detach()  # read by the router's hook; never keep the graph alive
+            # Read by the router's hook; never keep the graph alive. A transformers router read at its experts
+            # call may return (logits, weights, ids): the logits come first.
+            spec.extra["stash"] = (output[0] if isinstance(output, tuple) else output).detach()
 
         return stash
 

@@ -9,6 +9,7 @@ Legend: ``T`` tokens, ``E`` experts, ``K`` top-k.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moewatch.adapters.base import RouterOutput, RouterSpec, ScoreFunc, find_int_attr
+from moewatch.errors import UnreadableRouterError
 
 __all__ = ["MATCHERS", "match_linear_gate", "linear_gate_spec"]
 
@@ -102,13 +104,16 @@ def _read_hf(spec: RouterSpec):
             # logits.topk(k), which a top-k of the same logits reproduces exactly.
             logits = out[4]
             return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func=sf)
+        if isinstance(out, tuple) and len(out) == 2 and not out[1].is_floating_point():
+            # AFMoE in transformers 5.0-5.x: (top_scores_TK, indices_TK), no logits (sigmoid + expert bias).
+            return RouterOutput(indices_TK=out[1])
         if isinstance(out, tuple) and len(out) == 2:
             # Llama4: (router_scores_TE, router_logits_TE), sigmoid of the top-k logits.
             logits = out[1]
             return RouterOutput(indices_TK=_topk_indices(logits, k), logits_TE=logits, score_func=sf)
         raise TypeError(
             f"unrecognised output of {type(module).__name__}: expected (logits, scores, indices[, shared]), "
-            f"(scores, logits) or JetMoe's 5-tuple, got {_describe(out)}"
+            f"(scores, logits), (scores, indices) or JetMoe's 5-tuple, got {_describe(out)}"
         )
 
     return read
@@ -143,8 +148,76 @@ def match_hf_topk(name: str, module: nn.Module, parent: nn.Module | None, cfg: A
     if _gating_experts(module) not in (e, e + shared):
         return None
     spec = RouterSpec(name, module, module, "transformers", e, k, _noop, score_func=_score_func(module))
+    if not _forward_chooses(type(module)):
+        return _hf_choice_in_parent(spec, parent)
     spec.extract = _read_hf(spec)
     return spec
+
+
+#: Names a router's ``forward`` uses when it makes the top-k choice itself.
+_CHOOSING_NAMES = frozenset({"topk", "top_k", "argsort", "sort", "argmax", "max", "route_tokens_to_experts"})
+
+
+@functools.cache
+def _forward_chooses(cls: type) -> bool:
+    """False for a router whose ``forward`` only projects to logits (transformers 5.0-5.5 DeepSeek-V3,
+    GLM4-MoE, dots1, ...: the MoE block chooses in ``route_tokens_to_experts``); read from its bytecode."""
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    return code is None or bool(_CHOOSING_NAMES & set(code.co_names))
+
+
+def _experts_index_position(experts: Any) -> int | None:
+    """Where transformers' experts module (``forward(hidden_states, top_k_index, top_k_weights)``, under
+    ``@use_experts_implementation`` in every 5.x) takes the chosen expert ids, counted after ``self``."""
+    if not isinstance(experts, nn.Module):
+        return None
+    try:
+        params = list(inspect.signature(experts.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params[:3]):
+        if "index" in p or "indices" in p:
+            return i
+    return None
+
+
+def _read_hf_experts(spec: RouterSpec, position: int):
+    sf = spec.score_func
+
+    def read(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        # The experts module's own input is the model's choice (score function, correction bias and group
+        # limits applied); the logits come from the router, stashed by its hook earlier in this forward (None
+        # when the block reads the router's weight without calling it: DeepSeek-V2 in transformers 5.0-5.5).
+        return RouterOutput(indices_TK=args[position], logits_TE=spec.extra.pop("stash", None), score_func=sf)
+
+    return read
+
+
+def _read_at_experts(spec: RouterSpec, parent: nn.Module | None) -> bool:
+    """Count ``spec``'s router at its MoE block's ``experts`` call, if the block has a readable one."""
+    experts = getattr(parent, "experts", None)
+    position = _experts_index_position(experts)
+    if position is None:
+        return False
+    spec.hook_module = experts
+    spec.extract = _read_hf_experts(spec, position)
+    spec.extra["logits_module"] = spec.module
+    return True
+
+
+def _hf_choice_in_parent(spec: RouterSpec, parent: nn.Module | None) -> RouterSpec:
+    """A logits-only router: count the ids its MoE block hands to the ``experts`` module, or refuse."""
+    if _read_at_experts(spec, parent):
+        return spec
+    import transformers  # a transformers router: the package is loaded
+
+    raise UnreadableRouterError(
+        f"moewatch: router {spec.name!r} ({type(spec.module).__name__}) returns only its logits under "
+        f"transformers {transformers.__version__}, and its MoE block ({type(parent).__name__}) chooses the "
+        "experts without handing them to an `experts(hidden_states, top_k_index, top_k_weights)` module, so a "
+        "top-k of the logits would not be the model's choice. Use a transformers release whose router returns "
+        "its choice, or attach(..., routers=[...], extractor=fn) returning a moewatch.RouterOutput"
+    )
 
 
 def _read_switch(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
@@ -381,7 +454,11 @@ def match_linear_gate(name: str, module: nn.Module, parent: nn.Module | None, cf
     k = find_int_attr([parent], _K_NAMES) or (cfg.top_k if cfg is not None else None)
     if k is None:
         return None
-    return linear_gate_spec(name, module, k)
+    spec = linear_gate_spec(name, module, k)
+    # A transformers MoE block (5.0-5.5 DeepSeek-V2: sigmoid/group-limited choice, and the gate's weight used
+    # without calling it) hands its choice to `experts(...)`: read it there, not as a top-k of the logits.
+    _read_at_experts(spec, parent)
+    return spec
 
 
 def _noop(module: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:  # replaced after construction
