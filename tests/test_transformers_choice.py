@@ -13,6 +13,7 @@ Legend: ``T`` tokens, ``E`` experts, ``K`` top-k.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -178,3 +179,17 @@ def test_a_logits_only_router_that_cannot_be_read_is_refused_by_attach() -> None
     assert f"transformers {transformers.__version__}" in msg and "OpaqueBlock" in msg
     assert "extractor=fn" in msg and isinstance(err.value, ValueError)
     assert not any(m._forward_hooks for m in model.modules())  # nothing left behind
+
+
+def test_a_transformers_release_outside_the_tested_range_is_named_in_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _build("glm4_moe")
+    with caplog.at_level(logging.WARNING, logger="moewatch"):
+        with moewatch.attach(model, **quiet()):
+            pass
+        assert "outside the tested range" not in caplog.text
+        monkeypatch.setattr(transformers, "__version__", "4.57.6")
+        with moewatch.attach(model, **quiet()):
+            pass
+    assert "transformers 4.57.6 is outside the tested range (>=5.0,<6)" in caplog.text

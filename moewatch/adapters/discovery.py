@@ -162,5 +162,29 @@ def discover_routers(
             "with attach(model, routers=['layers.*.moe.gate'], top_k=2) for nn.Linear gates, or add "
             "extractor=fn(module, inputs, output) -> moewatch.RouterOutput for anything else."
         )
+    _warn_outside_tested_transformers(specs)
     log.debug("moewatch found %d routers: %s", len(specs), [s.name for s in specs])
     return specs
+
+
+#: The transformers releases moewatch is tested with (the `test` extra and the README say the same).
+TESTED_TRANSFORMERS = (5, 6)
+
+
+def _warn_outside_tested_transformers(specs: list[RouterSpec]) -> None:
+    if not any(type(s.module).__module__.startswith("transformers.") for s in specs):
+        return
+    import transformers  # loaded: the model's routers come from it
+
+    try:
+        major = int(transformers.__version__.split(".", 1)[0])
+    except ValueError:
+        return
+    if not TESTED_TRANSFORMERS[0] <= major < TESTED_TRANSFORMERS[1]:
+        log.warning(
+            "moewatch: transformers %s is outside the tested range (>=%d.0,<%d); its routers are read by "
+            "structure and may be counted wrong. Use transformers 5.x, or check the counts against your model's "
+            "own choice",
+            transformers.__version__,
+            *TESTED_TRANSFORMERS,
+        )

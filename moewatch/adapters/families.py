@@ -278,6 +278,27 @@ def match_logits_only(name: str, module: nn.Module, parent: nn.Module | None, cf
     return spec
 
 
+def match_hf_block_choice(name: str, module: nn.Module, parent: nn.Module | None, cfg: Any) -> RouterSpec | None:
+    """A transformers ``*Router``/``*Gate`` that does not state its E and k (5.0-5.5 PhiMoE, ERNIE-4.5-MoE,
+    Aria), inside a MoE block that does and hands its choice to ``experts(hidden, top_k_index, weights)``:
+    counted there. Its outputs differ by model (PhiMoE's first is dense routing weights, not logits), so
+    no logits are read: loads and every count-based metric, no probability statistics."""
+    if parent is None or not _ROUTER_NAME.search(type(module).__name__):
+        return None
+    position = _experts_index_position(getattr(parent, "experts", None))
+    e = find_int_attr([parent], _E_NAMES)
+    k = find_int_attr([parent], _K_NAMES)
+    if position is None or e is None or k is None or e < 2 or _gating_experts(module) != e:
+        return None
+    spec = RouterSpec(name, module, parent.experts, "transformers", e, k, _noop, _score_func(module, parent))
+
+    def read(experts: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
+        return RouterOutput(indices_TK=args[position])
+
+    spec.extract = read
+    return spec
+
+
 # --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks -----------------------------------------
 
 
@@ -474,5 +495,6 @@ MATCHERS = (
     match_switch,
     match_hf_topk,
     match_logits_only,
+    match_hf_block_choice,
     match_linear_gate,
 )
