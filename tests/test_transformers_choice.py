@@ -24,6 +24,7 @@ import transformers  # a test extra: missing it must fail, not skip
 from torch import nn
 
 import moewatch
+from moewatch.adapters import discovery
 from tests.fakes import quiet
 
 VOCAB, BATCH, SEQ, E, K = 64, 2, 8, 8, 2
@@ -189,7 +190,7 @@ def test_a_transformers_release_outside_the_tested_range_is_named_in_a_warning(
         with moewatch.attach(model, **quiet()):
             pass
         assert "outside the tested range" not in caplog.text
-        monkeypatch.setattr(transformers, "__version__", "4.57.6")
+        monkeypatch.setattr(discovery, "_transformers_version", lambda: "4.57.6")
         with moewatch.attach(model, **quiet()):
             pass
     assert "transformers 4.57.6 is outside the tested range (>=5.0,<6)" in caplog.text

@@ -174,10 +174,9 @@ TESTED_TRANSFORMERS = (5, 6)
 def _warn_outside_tested_transformers(specs: list[RouterSpec]) -> None:
     if not any(type(s.module).__module__.startswith("transformers.") for s in specs):
         return
-    import transformers  # loaded: the model's routers come from it
-
+    version = _transformers_version()
     try:
-        major = int(transformers.__version__.split(".", 1)[0])
+        major = int(version.split(".", 1)[0])
     except ValueError:
         return
     if not TESTED_TRANSFORMERS[0] <= major < TESTED_TRANSFORMERS[1]:
@@ -185,6 +184,12 @@ def _warn_outside_tested_transformers(specs: list[RouterSpec]) -> None:
             "moewatch: transformers %s is outside the tested range (>=%d.0,<%d); its routers are read by "
             "structure and may be counted wrong. Use transformers 5.x, or check the counts against your model's "
             "own choice",
-            transformers.__version__,
+            version,
             *TESTED_TRANSFORMERS,
         )
+
+
+def _transformers_version() -> str:
+    import transformers  # loaded: the model's routers come from it
+
+    return str(transformers.__version__)
