@@ -16,6 +16,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 import moewatch
 from moewatch.plain import HOOK_MARK
+from tests.ci import require_module
 from tests.fakes import quiet
 
 X = torch.arange(16).reshape(2, 8) % 64  # 16 tokens per forward
@@ -67,6 +68,23 @@ def test_deep_copy_is_an_unwatched_plain_model(with_optimizer):
     finally:
         watch.close()
     assert _moewatch_leftovers(policy) == [] and _moewatch_leftovers(ref) == []
+
+
+def test_trl_create_reference_model_is_an_unwatched_plain_model():
+    """TRL's own reference-model factory (a deep copy, parameters frozen, eval mode) on a watched policy."""
+    trl = require_module("trl", "install the test extras: pip install -e '.[test]'")
+    policy = _mixtral()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    with moewatch.attach(policy, optimizer=opt, **quiet(window_steps=100, count_eval=True)) as watch:
+        ref = trl.create_reference_model(policy)
+        assert ref is not policy and _moewatch_leftovers(ref) == []
+        assert not any(p.requires_grad for p in ref.parameters())
+        policy(X)
+        with torch.no_grad():
+            ref(X)  # eval mode, and count_eval=True: a reference forward would be counted if it were hooked
+        opt.step()
+        assert [layer.tokens for layer in watch.flush().layers] == [16, 16]
+    assert _moewatch_leftovers(ref) == []
 
 
 def test_torch_save_and_pickle_round_trip_to_a_plain_model():
