@@ -171,13 +171,17 @@ class OpaqueBlock(nn.Module):
         return x * self.w_E[ids].sum(-1, keepdim=True).view(*x.shape[:-1], 1)
 
 
-def test_a_logits_only_router_that_cannot_be_read_is_refused_by_attach() -> None:
+def test_a_logits_only_router_that_cannot_be_read_is_refused_by_attach(monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(OpaqueBlock(), OpaqueBlock())
     with pytest.raises(moewatch.UnreadableRouterError) as err:
         moewatch.attach(model, **quiet())
     msg = str(err.value)
     assert "'0.gate' (LogitsOnlyTopkRouter) returns only its logits" in msg
-    assert f"transformers {transformers.__version__}" in msg and "OpaqueBlock" in msg
+    assert "under transformers" not in msg and "OpaqueBlock" in msg  # not a transformers class
+    # The same router class as transformers' own: the message names the release.
+    monkeypatch.setattr(LogitsOnlyTopkRouter, "__module__", "transformers.models.fake.modeling_fake")
+    with pytest.raises(moewatch.UnreadableRouterError, match=f"under transformers {transformers.__version__}, "):
+        moewatch.attach(nn.Sequential(OpaqueBlock()), **quiet())
     assert "extractor=fn" in msg and isinstance(err.value, ValueError)
     assert not any(m._forward_hooks for m in model.modules())  # nothing left behind
 

@@ -209,11 +209,14 @@ def _hf_choice_in_parent(spec: RouterSpec, parent: nn.Module | None) -> RouterSp
     """A logits-only router: count the ids its MoE block hands to the ``experts`` module, or refuse."""
     if _read_at_experts(spec, parent):
         return spec
-    import transformers  # a transformers router: the package is loaded
+    under = ""
+    if type(spec.module).__module__.startswith("transformers."):
+        import transformers  # loaded: the router comes from it
 
+        under = f" under transformers {transformers.__version__}"
     raise UnreadableRouterError(
-        f"moewatch: router {spec.name!r} ({type(spec.module).__name__}) returns only its logits under "
-        f"transformers {transformers.__version__}, and its MoE block ({type(parent).__name__}) chooses the "
+        f"moewatch: router {spec.name!r} ({type(spec.module).__name__}) returns only its logits{under}, and "
+        f"its MoE block ({type(parent).__name__}) chooses the "
         "experts without handing them to an `experts(hidden_states, top_k_index, top_k_weights)` module, so a "
         "top-k of the logits would not be the model's choice. Use a transformers release whose router returns "
         "its choice, or attach(..., routers=[...], extractor=fn) returning a moewatch.RouterOutput"
