@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from moewatch.adapters.base import RouterInfo, RouterOutput
     from moewatch.adapters.discovery import NoRouterFoundError
     from moewatch.adapters.failures import RouterReadWarning
+    from moewatch.agreement import LayerAgreement, RouteAgreement, decode_sglang_routes, route_agreement
     from moewatch.attaching import attach
     from moewatch.config import MoEWatchConfig, Thresholds
     from moewatch.errors import ConfigError, MoEWatchError, UnreadableRouterError
@@ -30,6 +31,10 @@ if TYPE_CHECKING:
 _LAZY = {
     "RouterInfo": "moewatch.adapters.base",
     "RouterOutput": "moewatch.adapters.base",
+    "LayerAgreement": "moewatch.agreement",
+    "RouteAgreement": "moewatch.agreement",
+    "decode_sglang_routes": "moewatch.agreement",
+    "route_agreement": "moewatch.agreement",
     "NoRouterFoundError": "moewatch.adapters.discovery",
     "RouterReadWarning": "moewatch.adapters.failures",
     "attach": "moewatch.attaching",  # not moewatch.attach: importing that submodule would shadow the function
@@ -53,6 +58,7 @@ __all__ = [
     "AlreadyAttachedError",
     "ConfigError",
     "HealthState",
+    "LayerAgreement",
     "LayerReport",
     "MoEWatchConfig",
     "MoEWatchError",
@@ -60,6 +66,7 @@ __all__ = [
     "MonitorStats",
     "NoRouterFoundError",
     "RouterInfo",
+    "RouteAgreement",
     "RouterReadWarning",
     "RouterMismatchError",
     "RouterOutput",
@@ -69,6 +76,8 @@ __all__ = [
     "UnreadableRouterError",
     "WindowReport",
     "attach",
+    "decode_sglang_routes",
+    "route_agreement",
     "__version__",
 ]
 

@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "model",
         (
             "moewatch.report",
+            "moewatch.agreement",
             "moewatch.metrics",
             "moewatch.noise",
             "moewatch.health",
