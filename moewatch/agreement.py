@@ -4,8 +4,8 @@ trainer's, two checkpoints', two steps'.
 A route set is an integer array ``routes_TLK`` ``[num_tokens, num_layers, top_k]``: for each token and MoE
 layer, the ids of the experts chosen. vLLM returns exactly this as ``RequestOutput.outputs[i].routed_experts``
 (numpy, with ``enable_return_routed_experts=True``); SGLang returns base64-encoded int32 ids of that logical
-shape (:func:`decode_sglang_routes`); Megatron-Core's ``RouterReplay`` records ``topk_ids`` per layer
-(stack them on axis 1). The first id of a row is taken as the token's top-1: vLLM, SGLang and
+shape (:func:`decode_sglang_routes`); Megatron-Core's ``RouterReplay.get_recorded_data()`` gives one
+``[num_tokens, top_k]`` tensor per layer, and such a list is accepted as it is (stacked on axis 1). The first id of a row is taken as the token's top-1: vLLM, SGLang and
 ``torch.topk(sorted=True)`` order a row by score. Overlap and exact-set figures ignore the order.
 
 Per layer ``l`` over the ``T`` tokens (``A``, ``B`` the two sets of ``k`` ids of a token):
@@ -52,10 +52,17 @@ class RouteAgreement(BaseModel):
     )
 
 
-def _as_routes(x: Any, name: str) -> np.ndarray:
+def _host(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor: one device-to-host copy (a sync, off the training hot path)
         x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+    return np.asarray(x)
+
+
+def _as_routes(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, (list, tuple)) and x and all(getattr(v, "ndim", 0) == 2 for v in x):
+        # one [num_tokens, top_k] array per layer (Megatron-Core's RouterReplay.get_recorded_data())
+        x = np.stack([_host(v) for v in x], axis=1)
+    arr = _host(x)
     if arr.ndim != 3:
         raise ValueError(
             f"moewatch.route_agreement: {name} has shape {arr.shape}; expected [num_tokens, num_layers, top_k] "

@@ -18,6 +18,7 @@ import transformers
 from torch import nn
 
 import moewatch
+from tests.realfw import require
 
 
 def _definitions(a_TLK: np.ndarray, b_TLK: np.ndarray) -> tuple[list[tuple[float, float, float]], float]:
@@ -161,4 +162,20 @@ def test_layer_map_picks_the_engine_layers_that_match_the_model() -> None:
     # an engine that also reports an extra (MTP-style) layer first
     engine = np.concatenate([_random_routes(rng, 30, 1, 8, 2), model_routes], axis=1)
     result = moewatch.route_agreement(model_routes, engine, num_layers=2, layer_map=[1, 2])
+    assert _figures(result) == [(1.0, 1.0, 1.0)] * 2
+
+
+def test_megatron_router_replay_recordings_are_read_as_a_list_of_layers() -> None:
+    router_replay = require("megatron.core.transformer.moe.router_replay")  # skips locally, fails under CI
+    replay = router_replay.RouterReplay
+    replay.clear_global_router_replay_instances()
+    layers = [replay() for _ in range(2)]
+    rng = np.random.default_rng(5)
+    trainer = _random_routes(rng, 24, 2, 8, 2)
+    for i, layer in enumerate(layers):
+        layer.record_indices(torch.from_numpy(trainer[:, i].copy()))
+    recorded = replay.get_recorded_data()
+    replay.clear_global_router_replay_instances()
+    assert len(recorded) == 2 and tuple(recorded[0].shape) == (24, 2)
+    result = moewatch.route_agreement(recorded, trainer, num_layers=2)
     assert _figures(result) == [(1.0, 1.0, 1.0)] * 2
