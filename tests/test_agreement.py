@@ -179,3 +179,18 @@ def test_megatron_router_replay_recordings_are_read_as_a_list_of_layers() -> Non
     assert len(recorded) == 2 and tuple(recorded[0].shape) == (24, 2)
     result = moewatch.route_agreement(recorded, trainer, num_layers=2)
     assert _figures(result) == [(1.0, 1.0, 1.0)] * 2
+
+
+def test_large_route_sets_are_compared_in_chunks_with_the_same_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moewatch import agreement
+
+    rng = np.random.default_rng(6)
+    a = _random_routes(rng, 301, 2, 8, 2)
+    b = _random_routes(rng, 301, 2, 8, 2)
+    whole = moewatch.route_agreement(a, b)
+    monkeypatch.setattr(agreement, "_CHUNK_CELLS", 2 * 2 * 2 * 7)  # 7 tokens per chunk, a ragged last one
+    chunked = moewatch.route_agreement(a, b)
+    assert chunked == whole
+    expected, differing = _definitions(a, b)
+    np.testing.assert_allclose(_figures(chunked), expected)
+    assert chunked.tokens_differing == pytest.approx(differing)
