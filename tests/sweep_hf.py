@@ -174,7 +174,7 @@ def _run_one(model_type: str, cls: type, mcls: type, mla: bool) -> Outcome:
                 counts += torch.bincount(ids.reshape(-1).long(), minlength=info.num_experts)[: info.num_experts]
 
         handles.append(modules[info.module].register_forward_hook(hook))
-        if isinstance(experts, nn.Module):
+        if defer:
             handles.append(experts.register_forward_pre_hook(pre_hook))
     try:
         ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))

@@ -51,10 +51,11 @@ class ExpertsInput:
     """The ids each MoE block passes to its experts module, and the router logits of the same calls."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.counts_LE = torch.zeros(len(_moe_blocks(model)), E, dtype=torch.int64)
+        blocks = _moe_blocks(model)
+        self.counts_LE = torch.zeros(len(blocks), E, dtype=torch.int64)
         self.top_of_logits_LE = torch.zeros_like(self.counts_LE)
         self.handles = []
-        for i, block in enumerate(_moe_blocks(model)):
+        for i, block in enumerate(blocks):
             self.handles.append(block.experts.register_forward_pre_hook(self._ids(i)))
             if isinstance(block.gate, nn.Linear) and not hasattr(block.gate, "e_score_correction_bias"):
                 continue  # DeepSeek-V2: plain softmax logits, a top-k of them is not what we compare against

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moewatch.adapters.base import RouterOutput, RouterSpec, find_int_attr
-from moewatch.adapters.families import _E_NAMES, _K_NAMES, MATCHERS, linear_gate_spec
+from moewatch.adapters.families import _E_NAMES, _K_NAMES, MATCHERS, _transformers_version, linear_gate_spec
 from moewatch.errors import ConfigError, MoEWatchError
 
 __all__ = ["NoRouterFoundError", "discover_routers"]
@@ -187,9 +187,3 @@ def _warn_outside_tested_transformers(specs: list[RouterSpec]) -> None:
             version,
             *TESTED_TRANSFORMERS,
         )
-
-
-def _transformers_version() -> str:
-    import transformers  # loaded: the model's routers come from it
-
-    return str(transformers.__version__)

@@ -193,16 +193,24 @@ def _read_hf_experts(spec: RouterSpec, position: int):
     return read
 
 
-def _read_at_experts(spec: RouterSpec, parent: nn.Module | None) -> bool:
-    """Count ``spec``'s router at its MoE block's ``experts`` call, if the block has a readable one."""
+def _read_at_experts(spec: RouterSpec, parent: nn.Module | None, logits: bool = True) -> bool:
+    """Count ``spec``'s router at its MoE block's ``experts`` call, if the block has a readable one; with
+    ``logits``, the router's output (or its first element) is stashed as the logits."""
     experts = getattr(parent, "experts", None)
     position = _experts_index_position(experts)
     if position is None:
         return False
     spec.hook_module = experts
     spec.extract = _read_hf_experts(spec, position)
-    spec.extra["logits_module"] = spec.module
+    if logits:
+        spec.extra["logits_module"] = spec.module
     return True
+
+
+def _transformers_version() -> str:
+    import transformers  # loaded: the caller found one of its classes
+
+    return str(transformers.__version__)
 
 
 def _hf_choice_in_parent(spec: RouterSpec, parent: nn.Module | None) -> RouterSpec:
@@ -211,9 +219,7 @@ def _hf_choice_in_parent(spec: RouterSpec, parent: nn.Module | None) -> RouterSp
         return spec
     under = ""
     if type(spec.module).__module__.startswith("transformers."):
-        import transformers  # loaded: the router comes from it
-
-        under = f" under transformers {transformers.__version__}"
+        under = f" under transformers {_transformers_version()}"
     raise UnreadableRouterError(
         f"moewatch: router {spec.name!r} ({type(spec.module).__name__}) returns only its logits{under}, and "
         f"its MoE block ({type(parent).__name__}) chooses the "
@@ -288,18 +294,12 @@ def match_hf_block_choice(name: str, module: nn.Module, parent: nn.Module | None
     no logits are read: loads and every count-based metric, no probability statistics."""
     if parent is None or not _ROUTER_NAME.search(type(module).__name__):
         return None
-    position = _experts_index_position(getattr(parent, "experts", None))
     e = find_int_attr([parent], _E_NAMES)
     k = find_int_attr([parent], _K_NAMES)
-    if position is None or e is None or k is None or e < 2 or _gating_experts(module) != e:
+    if e is None or k is None or e < 2 or _gating_experts(module) != e:
         return None
-    spec = RouterSpec(name, module, parent.experts, "transformers", e, k, _noop, _score_func(module, parent))
-
-    def read(experts: nn.Module, args: tuple[Any, ...], out: Any) -> RouterOutput:
-        return RouterOutput(indices_TK=args[position])
-
-    spec.extract = read
-    return spec
+    spec = RouterSpec(name, module, module, "transformers", e, k, _noop, _score_func(module, parent))
+    return spec if _read_at_experts(spec, parent, logits=False) else None
 
 
 # --- Megatron-Core, DeepSpeed, torchtitan, MegaBlocks -----------------------------------------
