@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from moewatch.adapters.failures import RouterReadWarning
     from moewatch.agreement import LayerAgreement, RouteAgreement, decode_sglang_routes, route_agreement
     from moewatch.attaching import attach
+    from moewatch.capture import RouteCapture, RouteCaptureError, RouteCaptureFullError
     from moewatch.config import MoEWatchConfig, Thresholds
     from moewatch.errors import ConfigError, MoEWatchError, UnreadableRouterError
     from moewatch.flush import StepMismatchError
@@ -38,6 +39,9 @@ _LAZY = {
     "NoRouterFoundError": "moewatch.adapters.discovery",
     "RouterReadWarning": "moewatch.adapters.failures",
     "attach": "moewatch.attaching",  # not moewatch.attach: importing that submodule would shadow the function
+    "RouteCapture": "moewatch.capture",
+    "RouteCaptureError": "moewatch.capture",
+    "RouteCaptureFullError": "moewatch.capture",
     "ConfigError": "moewatch.errors",
     "MoEWatchError": "moewatch.errors",
     "UnreadableRouterError": "moewatch.errors",
@@ -67,6 +71,9 @@ __all__ = [
     "NoRouterFoundError",
     "RouterInfo",
     "RouteAgreement",
+    "RouteCapture",
+    "RouteCaptureError",
+    "RouteCaptureFullError",
     "RouterReadWarning",
     "RouterMismatchError",
     "RouterOutput",

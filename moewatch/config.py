@@ -251,10 +251,18 @@ def format_validation_error(exc: ValidationError, source: str = "MoEWatchConfig"
 
 
 def build_config(
-    config: MoEWatchConfig | None, overrides: Mapping[str, Any], source: str = "attach()"
+    config: MoEWatchConfig | Mapping[str, Any] | None, overrides: Mapping[str, Any], source: str = "attach()"
 ) -> MoEWatchConfig:
-    """Merge keyword overrides into ``config`` (or a fresh one read from the environment)."""
+    """Merge keyword overrides into ``config`` (or a fresh one read from the environment). ``config`` may
+    also be a mapping of the same fields (a parsed YAML or JSON file), validated like the model."""
     try:
+        if isinstance(config, Mapping):
+            config = MoEWatchConfig.model_validate(dict(config))
+        elif config is not None and not isinstance(config, MoEWatchConfig):
+            raise ConfigError(
+                f"{source}: config= takes a moewatch.MoEWatchConfig or a dict of its fields, not "
+                f"{type(config).__name__}"
+            )
         if config is None:
             unknown = unknown_env_vars(MoEWatchConfig, os.environ)
             if unknown:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from moewatch._once import Once
 from moewatch.accumulator import Accumulator, WindowCounts
 from moewatch.adapters.base import RouterInfo, RouterSpec
 from moewatch.adapters.failures import report_router_failure
+from moewatch.capture import DEFAULT_MAX_TOKENS, RouteCapture, RouteCaptureError
 from moewatch.config import MoEWatchConfig
 from moewatch.errors import MoEWatchError
 from moewatch.flush import StepMismatchError, WindowFlusher
@@ -96,6 +98,8 @@ class Monitor:
         self._nothing_counted_logged = False
         self.hook_errors = 0
         self.latest: WindowReport | None = None
+        #: The routes of the last capture_routes() block that ended without error.
+        self.last_capture: RouteCapture | None = None
         # prometheus.per_rank: the exporter of every rank gets a report of that rank's own counts.
         self._per_rank = config.prometheus.per_rank and process_group is not None
         self._flusher = WindowFlusher(self._acc, process_group, keep_local=self._per_rank)
@@ -111,6 +115,8 @@ class Monitor:
         self._root_forwards = 0
         self._root_forward_compiled = False
         self._model_ref = weakref.ref(model)
+        # The open capture_routes() block, read by every router hook (a list cell the hooks hold).
+        self._capturing: list[RouteCapture | None] = [None]
 
         for device in {p.device for s in specs for p in s.hook_module.parameters()}:
             self._acc.prepare(device)
@@ -231,6 +237,41 @@ class Monitor:
                 log.exception("moewatch: closing sink %s failed", type(sink).__name__)
         self._group = None
         self._flusher.release_group()
+
+    @contextlib.contextmanager
+    def capture_routes(self, *, max_tokens: int = DEFAULT_MAX_TOKENS) -> Iterator[RouteCapture]:
+        """Record each token's top-k expert ids per router for every forward inside the ``with`` block
+        (training or eval mode, e.g. a ``generate()`` rollout and the training forward of the same tokens),
+        on the device and without a host sync. ``max_tokens`` rows per router are allocated when the block
+        opens; a block that needs more raises :class:`RouteCaptureFullError` when it exits. Counting into the
+        window is unchanged. Read ``cap.routes`` (``[T, L, K]``) or ``cap.sequence_routes(batch)`` after the
+        block; compare with :func:`moewatch.route_agreement` or :meth:`compare_routes`."""
+        if self._capturing[0] is not None:
+            raise RouteCaptureError("moewatch.capture_routes: a capture is already open on this monitor; "
+                                    "end it before opening another")
+        cap = RouteCapture(self._routers, self._router_devices(), max_tokens)
+        self._capturing[0] = cap
+        failed = False
+        try:
+            yield cap
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._capturing[0] = None
+            cap.close()
+            if cap.error is not None and not failed:
+                raise cap.error
+        self.last_capture = cap
+
+    def _router_devices(self) -> list[torch.device]:
+        out = []
+        for spec in self._specs:
+            p = next(spec.hook_module.parameters(), None)
+            if p is None and spec.module is not spec.hook_module:
+                p = next(spec.module.parameters(), None)
+            out.append(p.device if p is not None else torch.device("cpu"))
+        return out
 
     def on_alert(self, callback: Callable[..., Any]) -> None:
         """Call ``callback(alert, layer_report)`` for every alert that fires or resolves (the same
@@ -384,6 +425,8 @@ class Monitor:
         set_grad_enabled, in_graph_task = torch._C._set_grad_enabled, torch._C._current_graph_task_id
         is_compiling, is_grad_enabled = torch.compiler.is_compiling, torch.is_grad_enabled
 
+        capturing = self._capturing
+
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if is_compiling():
                 # Traced into the compiled graph: no graph break, nothing that changes per call. A
@@ -395,12 +438,23 @@ class Monitor:
                 return
             # Called for every router call: keep it to a few attribute reads before the device work.
             # in_graph_task() != -1: activation checkpointing re-running this forward inside backward.
-            if not (module.training or count_eval) or disabled[i] or in_graph_task() != -1:
-                return
+            cap = capturing[0]
+            if cap is None:
+                if not (module.training or count_eval) or disabled[i] or in_graph_task() != -1:
+                    return
+                counted = True
+            else:
+                if disabled[i] or in_graph_task() != -1:
+                    return
+                counted = (module.training or count_eval) and cap.count
             grad_was_enabled = is_grad_enabled()
             try:
                 set_grad_enabled(False)  # torch.no_grad() without its context-manager overhead
-                count(extract(module, args, output))
+                out = extract(module, args, output)
+                if counted:
+                    count(out)
+                if cap is not None:
+                    cap.record(i, out)
             except Exception as exc:
                 if strict:
                     raise

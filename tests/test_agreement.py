@@ -21,7 +21,7 @@ import moewatch
 from tests.realfw import require
 
 
-def _definitions(a_TLK: np.ndarray, b_TLK: np.ndarray) -> tuple[list[tuple[float, float, float]], float]:
+def definitions(a_TLK: np.ndarray, b_TLK: np.ndarray) -> tuple[list[tuple[float, float, float]], float]:
     """(top1, overlap@k, exact) per layer and the tokens-differing fraction, one token at a time."""
     t, n_layers, k = a_TLK.shape
     per_layer = []
@@ -49,7 +49,7 @@ def test_figures_equal_their_definitions_on_random_routes() -> None:
     b[:80, 1] = _random_routes(rng, 80, 1, 8, 2)[:, 0]  # layer 1 disagrees on some tokens
     b[:40, 2] = b[:40, 2, ::-1]  # layer 2: same sets, swapped order (top-1 differs, sets do not)
     result = moewatch.route_agreement(a, b)
-    expected, differing = _definitions(a, b)
+    expected, differing = definitions(a, b)
     np.testing.assert_allclose(_figures(result), expected)
     assert result.tokens_differing == pytest.approx(differing)
     assert result.tokens == 200 and result.top_k == 2 and [la.layer for la in result.layers] == [0, 1, 2]
@@ -106,7 +106,7 @@ def test_real_routes_two_identical_forwards_agree_and_a_perturbed_layer_drops_al
         gate = model.model.layers[1].mlp.gate
         gate.weight.copy_(gate.weight[torch.randperm(8, generator=torch.Generator().manual_seed(2))])
     perturbed = moewatch.route_agreement(first, torch.from_numpy(_record(model, ids)))  # a tensor works too
-    expected, differing = _definitions(first, _record(model, ids))
+    expected, differing = definitions(first, _record(model, ids))
     np.testing.assert_allclose(_figures(perturbed), expected)
     assert perturbed.tokens_differing == pytest.approx(differing)
     top1, overlap, _ = zip(*_figures(perturbed), strict=True)
@@ -191,6 +191,6 @@ def test_large_route_sets_are_compared_in_chunks_with_the_same_figures(monkeypat
     monkeypatch.setattr(agreement, "_CHUNK_CELLS", 2 * 2 * 2 * 7)  # 7 tokens per chunk, a ragged last one
     chunked = moewatch.route_agreement(a, b)
     assert chunked == whole
-    expected, differing = _definitions(a, b)
+    expected, differing = definitions(a, b)
     np.testing.assert_allclose(_figures(chunked), expected)
     assert chunked.tokens_differing == pytest.approx(differing)

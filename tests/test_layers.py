@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "moewatch.resume",
             "moewatch.compiled",
             "moewatch.plain",
+            "moewatch.capture",
         ),
     ),
     ("monitor", ("moewatch.monitor",)),

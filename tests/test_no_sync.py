@@ -178,6 +178,58 @@ def test_no_sync_ops_from_moewatch_on_steps_that_do_not_end_a_window(name: str) 
     assert monitored.moewatch_ops, "no op was attributed to moewatch: the recorder is not looking"
 
 
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_steps_inside_capture_routes_do_not_sync(name: str) -> None:
+    model, step = MODELS[name]()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step()
+    plain = _record(lambda: (step(), opt.step()), 3)
+    watch = moewatch.attach(model, optimizer=opt, **quiet(window_steps=1000))
+    try:
+        with watch.capture_routes() as cap:
+            monitored = _record(lambda: (step(), opt.step()), 3)
+        assert cap.num_tokens == 3 * TOKENS_PER_STEP[name]  # the capture did record
+    finally:
+        watch.close()
+    assert monitored.moewatch_syncs == [], f"capture_routes synchronises: {monitored.moewatch_syncs}"
+    assert monitored.syncs == plain.syncs
+    assert "copy_" in monitored.kernels()  # the recorder saw the capture's writes
+
+
+def test_capture_runs_on_the_meta_device() -> None:
+    model, step = _demo_steps("meta")
+    watch = moewatch.attach(model, **quiet(window_steps=1000))
+    try:
+        with watch.capture_routes(max_tokens=256) as cap:
+            for _ in range(3):
+                step()
+                watch.step()
+        assert watch.hook_errors == 0 and cap.error is None
+        assert cap.tokens_L == [3 * 64, 3 * 64] and cap.routes.device.type == "meta"
+    finally:
+        watch._closed = True  # a window end copies to the host, which meta cannot; that is not the hot path
+        watch._remove_hooks()
+
+
+@pytest.mark.parametrize("case", ["indices", "routing map+probs", "routing map", "choice_fn"])
+def test_every_capture_choice_path_is_sync_free(case: str) -> None:
+    from moewatch.capture import choice_ids
+
+    def out(device: str) -> RouterOutput:
+        map_TE = torch.randn(16, 8, device=device) > 0
+        return {
+            "indices": RouterOutput(indices_TK=torch.randint(0, 8, (16, 2), device=device)),
+            "routing map+probs": RouterOutput(routing_map_TE=map_TE, probs_TE=torch.rand(16, 8, device=device)),
+            "routing map": RouterOutput(routing_map_TE=map_TE),
+            "choice_fn": RouterOutput(counts_E=torch.ones(8, device=device), num_tokens=16,
+                                      choice_fn=lambda: torch.zeros(16, 2, dtype=torch.long, device=device)),
+        }[case]
+
+    assert choice_ids(out("meta"), 8, 2).shape == (16, 2)  # raises if anything reads a value on the host
+    rec = _record(lambda: choice_ids(out("cpu"), 8, 2), 1)
+    assert rec.moewatch_syncs == []
+
+
 def test_monitored_steps_run_on_the_meta_device() -> None:
     model, step = _demo_steps("meta")
     watch = moewatch.attach(model, **quiet(window_steps=1000))

@@ -150,3 +150,30 @@ def test_deepspeed_initialize(ds: Any) -> None:
     ref.remove()
     assert report.steps == STEPS
     _check(report, ref, 2, True)
+
+
+def test_capture_routes_reads_the_sparse_routes_with_minus_one_for_drops(ds: Any) -> None:
+    """capture_routes on the real gate: the kept routes of DeepSpeed's own 7-tuple, -1 where capacity dropped
+    (DeepSpeed's gate hands over counts only, so the capture is after capacity: the README says so)."""
+    torch.manual_seed(2)
+    model = Model(2, min_capacity=1, capacity_factor=0.5)
+    seen: list[torch.Tensor] = []
+    handles = [layer.deepspeed_moe.gate.register_forward_hook(
+        lambda m, a, out: seen.append(out[3].t())) for layer in model.layers]  # fmt: skip
+    watch = moewatch.attach(model, **quiet(window_steps=1000))
+    with watch.capture_routes() as cap:
+        model(_x(0))
+    for h in handles:
+        h.remove()
+    assert torch.equal(cap.routes.long(), torch.stack(seen, dim=1).long())
+    assert (cap.routes == -1).any(), "capacity 0.5 must drop something for this check"
+    # The gate called on its own returns the dense 4-tuple: the kept experts come from its dispatch mask.
+    gate = model.layers[0].deepspeed_moe.gate
+    with watch.capture_routes() as dense, torch.no_grad():
+        out = gate(_x(1).reshape(-1, H))
+    watch.close()
+    assert len(out) == 4
+    kept_SE = out[2].any(dim=-1)
+    ids_SK = dense.layer_routes(0).long()
+    for s in range(TOKENS):
+        assert set(ids_SK[s][ids_SK[s] >= 0].tolist()) == set(kept_SE[s].nonzero().view(-1).tolist())

@@ -233,3 +233,29 @@ def test_moe_layer(pg: Any, k: int, recompute: bool, capacity: float | None) -> 
     counter.remove()
     assert calls[0] == (2 * STEPS if recompute else STEPS), "recompute really re-ran the router in backward"
     _check(report, ref, "softmax", k, capacity is not None)
+
+
+@pytest.mark.parametrize("capacity", [None, 0.5], ids=["no-capacity", "capacity"])
+def test_capture_routes_reads_the_routing_map_in_probability_order(pg: Any, capacity: float | None) -> None:
+    """capture_routes on the real TopKRouter: without capacity the routing map's experts, ordered by
+    Megatron's own probs; with capacity the choices before the drop (moewatch's loads), from the reference."""
+    torch.manual_seed(0)
+    model = Routers(_config(moe_router_topk=2, moe_expert_capacity_factor=capacity), pg)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handles = [r.register_forward_hook(lambda m, a, out: seen.append((out[0].detach(), out[1]))) for r in model.routers]
+    ref = Reference(list(model.routers))
+    watch = moewatch.attach(model, optimizer=None, **quiet(window_steps=1000))
+    with watch.capture_routes() as cap:
+        model(torch.randn(SEQ, BATCH, H, generator=torch.Generator().manual_seed(0)))
+    watch.close()
+    ref.remove()
+    for h in handles:
+        h.remove()
+    routes_TLK = cap.routes
+    assert routes_TLK.shape == (TOKENS, 2, 2)
+    for layer, (probs_TE, map_TE) in enumerate(seen):
+        ids_TK = routes_TLK[:, layer].long()
+        if capacity is None:
+            assert torch.equal(ids_TK, probs_TE.masked_fill(~map_TE, -1.0).topk(2, dim=-1).indices)
+        chosen_TE = torch.zeros(TOKENS, E, dtype=torch.int64).scatter_(1, ids_TK, 1)
+        assert torch.equal(chosen_TE.sum(dim=0), ref.pre[layer])  # the choices moewatch counts as loads

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["RouterInfo", "RouterOutput", "RouterSpec", "ScoreFunc", "find_int_attr"]
+__all__ = ["RouterInfo", "RouterOutput", "RouterSpec", "ScoreFunc", "find_int_attr", "map_choices"]
 
 ScoreFunc = Literal["softmax", "sigmoid"]
 
@@ -36,6 +36,9 @@ class RouterOutput:
     dropped: torch.Tensor | None = None
     #: Computes ``logits_TE`` on demand (for example recomputed from the router's input and weight).
     logits_fn: Callable[[], torch.Tensor | None] | None = None
+    #: The per-token choice ``[T, K]`` (-1 for an empty slot), for calls that give only ``counts_E``; called
+    #: only by ``capture_routes``.
+    choice_fn: Callable[[], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,3 +87,17 @@ def find_int_attr(objs: list[Any], names: tuple[str, ...]) -> int | None:
                 if isinstance(v, int) and not isinstance(v, bool) and v > 0:
                     return v
     return None
+
+
+def map_choices(map_TE: torch.Tensor, scores_TE: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """The experts a routing map ``[T, E]`` marks, ``[T, K]`` ordered by ``scores_TE`` (highest first; by
+    expert id without scores), -1 for slots a row leaves empty."""
+    e = map_TE.shape[-1]
+    map_TE = map_TE.reshape(-1, e).bool()
+    if scores_TE is None:
+        key_TE = -torch.arange(e, device=map_TE.device, dtype=torch.float32).expand_as(map_TE)
+    else:
+        key_TE = scores_TE.detach().reshape(-1, e).float()
+    key_TE = key_TE.masked_fill(~map_TE, float("-inf"))
+    vals_TK, ids_TK = key_TE.topk(min(top_k, e), dim=-1)
+    return ids_TK.masked_fill_(vals_TK == float("-inf"), -1)

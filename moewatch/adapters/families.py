@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moewatch.adapters.base import RouterOutput, RouterSpec, ScoreFunc, find_int_attr
+from moewatch.adapters.base import RouterOutput, RouterSpec, ScoreFunc, find_int_attr, map_choices
 from moewatch.errors import UnreadableRouterError
 
 __all__ = ["MATCHERS", "match_linear_gate", "linear_gate_spec"]
@@ -365,7 +365,10 @@ def _read_megatron(spec: RouterSpec, recompute: bool):
                 )
         logits_fn = _recomputed_logits(args, module.weight, bias) if recompute else None
         dropped = routing_map.shape[0] * k - routing_map.sum() if capacity else None
-        return RouterOutput(routing_map_TE=routing_map, logits_fn=logits_fn, score_func=sf, dropped=dropped)
+        return RouterOutput(
+            routing_map_TE=routing_map, logits_fn=logits_fn, score_func=sf, dropped=dropped,
+            choice_fn=lambda: map_choices(routing_map, out[0], k),  # probs are zero off the map, ordered on it
+        )
 
     return read
 
@@ -382,6 +385,16 @@ def match_megatron(name: str, module: nn.Module, parent: nn.Module | None, cfg: 
     spec = RouterSpec(name, module, module, "megatron", e, k, _noop, _score_func(module))
     spec.extract = _read_megatron(spec, _recompute(cfg))
     return spec
+
+
+def _deepspeed_choice(out: tuple[Any, ...], k: int) -> torch.Tensor:
+    """The kept choices ``[S, k]`` of a DeepSpeed gate call, after capacity (-1 where dropped): the sparse
+    indices of the 7-tuple, or the dispatch mask's experts ordered by combine weight."""
+    if len(out) == 7:  # indices [K, S] (a tensor, or one [S] tensor per k)
+        idx = out[3]
+        return (torch.stack(list(idx)) if isinstance(idx, (list, tuple)) else idx).reshape(k, -1).t()
+    combine_SEC, dispatch_SEC = out[1], out[2]
+    return map_choices(dispatch_SEC.bool().any(dim=-1), combine_SEC.sum(dim=-1), k)
 
 
 def _read_deepspeed(recompute: bool):
@@ -402,7 +415,8 @@ def _read_deepspeed(recompute: bool):
             dropped = None
         logits_fn = _recomputed_logits(args, module.wg.weight) if recompute else None
         return RouterOutput(
-            counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_fn=logits_fn, dropped=dropped
+            counts_E=counts_E, num_tokens=x.numel() // x.shape[-1], logits_fn=logits_fn, dropped=dropped,
+            choice_fn=lambda: _deepspeed_choice(out, module.k),
         )
 
     return read
